@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine that has python3, pip, cmake and g++:
+#   bash dev.sh demo    2-rank horovodrun demo: plain ReduceLROnPlateau vs ours
+#   bash dev.sh test    lint, type check and the whole test suite
+#   bash dev.sh setup   only build the environment (.venv)
+# The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
+# later runs reuse it.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${DISTPLATEAU_VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  local stamp="$VENV/.distplateau-setup" want
+  want=$(cat setup.cfg dev.sh distplateau/install_horovod.py | sha256sum | cut -c1-16)
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$PY" -m distplateau.install_horovod --check >/dev/null 2>&1; then
+    return
+  fi
+  [[ -x "$PY" ]] || python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+  # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
+  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,test]"
+  "$PY" -m distplateau.install_horovod
+  echo "$want" >"$stamp"
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    exec "$VENV/bin/horovodrun" -np 2 --gloo "$PY" examples/horovod_demo.py "$@" ;;
+  test)
+    setup
+    "$PY" -m ruff check distplateau tests examples
+    "$PY" -m mypy
+    exec "$PY" -m pytest "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|setup}" >&2; exit 2 ;;
+esac

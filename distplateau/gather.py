@@ -1,0 +1,141 @@
+"""One collective per step: the per-backend adapters that gather every rank's record.
+
+Each adapter does exactly one collective in ``__call__`` and nothing else, and returns the
+table as a list of rows in rank order. Horovod and torch.distributed are imported only
+when their adapter is built, so ``import distplateau`` imports neither.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, get_args
+
+import torch
+
+__all__ = ["Backend", "BACKENDS", "Gather", "LocalGather", "TorchGather", "HorovodGather", "select"]
+
+Backend = Literal["auto", "horovod", "torch", "none"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+# The name Horovod shows in its stall warnings when some ranks never reach step().
+HOROVOD_OP_NAME = "distplateau.step"
+
+
+class Gather(Protocol):
+    """Gathers one fixed-size record of floats from every rank of a group."""
+
+    size: int  #: number of ranks in the group
+    index: int  #: this process's row in the table
+    ranks: tuple[int, ...]  #: global rank of each row, for messages
+
+    def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]: ...
+
+
+class LocalGather:
+    """A single process: the table is this process's record, no collective."""
+
+    size = 1
+    index = 0
+
+    def __init__(self, rank: int = 0) -> None:
+        self.ranks = (rank,)
+
+    def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
+        return (record,)
+
+
+class TorchGather:
+    """``torch.distributed.all_gather_into_tensor`` of one float64 record per rank."""
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._group = group
+        self.size = dist.get_world_size(group)
+        self.index = dist.get_rank(group)
+        if self.index < 0:
+            raise ValueError(
+                f"this process (global rank {dist.get_rank()}) is not a member of the group "
+                "passed as `group`; build the scheduler only on the group's ranks"
+            )
+        self.ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(self.size))
+        # NCCL gathers CUDA tensors only; gloo and mixed "cpu:gloo,cuda:nccl" groups take CPU.
+        if dist.get_backend(group) == "nccl":
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self._device = torch.device("cpu")
+
+    def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
+        local = torch.tensor(record, dtype=torch.float64, device=self._device)
+        table = torch.empty((self.size, len(record)), dtype=torch.float64, device=self._device)
+        self._dist.all_gather_into_tensor(table, local, group=self._group)
+        return table.tolist()
+
+
+class HorovodGather:
+    """``horovod.torch.allgather`` of one float64 record per rank of a process set."""
+
+    def __init__(self, process_set: Any = None) -> None:
+        import horovod.torch as hvd
+
+        self._hvd = hvd
+        self._process_set = hvd.global_process_set if process_set is None else process_set
+        if not self._process_set.included():
+            raise ValueError(
+                f"this process (Horovod rank {hvd.rank()}) is not in the process set passed as "
+                "`process_set`; build the scheduler only on the process set's ranks"
+            )
+        self.size = self._process_set.size()
+        self.index = self._process_set.rank()
+        ranks = self._process_set.ranks
+        self.ranks = tuple(ranks) if ranks else tuple(range(self.size))
+
+    def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
+        local = torch.tensor([record], dtype=torch.float64)
+        table = self._hvd.allgather(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
+        return table.tolist()
+
+
+def _horovod_initialized() -> bool:
+    hvd = sys.modules.get("horovod.torch")  # never import Horovod just to look
+    return hvd is not None and bool(hvd.is_initialized())
+
+
+def _torch_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def select(backend: Backend, *, process_set: Any = None, group: Any = None) -> Gather:
+    """Build the adapter for ``backend``; ``"auto"`` picks the first initialized of
+    Horovod, torch.distributed, and a single process. A group of one rank gathers locally.
+
+    Raises:
+        RuntimeError: the requested backend is not initialized.
+    """
+    if backend == "auto":
+        if process_set is not None or _horovod_initialized():
+            backend = "horovod"
+        elif group is not None or _torch_initialized():
+            backend = "torch"
+        else:
+            backend = "none"
+    gather: Gather
+    if backend == "none":
+        return LocalGather()
+    if backend == "horovod":
+        if not _horovod_initialized():
+            raise RuntimeError(
+                "backend='horovod' but Horovod is not initialized: call "
+                "horovod.torch.init() before the first step()"
+            )
+        gather = HorovodGather(process_set)
+    else:
+        if not _torch_initialized():
+            raise RuntimeError(
+                "backend='torch' but torch.distributed is not initialized: call "
+                "torch.distributed.init_process_group() before the first step()"
+            )
+        gather = TorchGather(group)
+    return LocalGather(gather.ranks[0]) if gather.size == 1 else gather

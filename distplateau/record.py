@@ -1,0 +1,98 @@
+"""What one rank contributes to a step: a fixed-size record of plain floats.
+
+Nothing here raises on bad user input. A rank whose metric or weight is unusable still
+sends a record, with the problem encoded in it, so that every rank learns about the
+problem from the same gathered table and raises the same error after the one collective.
+A rank that raised *before* the collective would leave the others waiting in it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["Problem", "Record", "make_record"]
+
+
+class Problem(IntEnum):
+    """Why a rank's metric or weight cannot be used; ``OK`` when it can."""
+
+    OK = 0
+    METRIC_NONE = 1
+    METRIC_STR = 2
+    METRIC_BOOL = 3
+    METRIC_NOT_A_NUMBER = 4  # any other type: list, dict, complex, ...
+    METRIC_NOT_SCALAR = 5  # tensor/array with != 1 element; detail: element count
+    WEIGHT_NOT_A_NUMBER = 6
+    WEIGHT_NOT_SCALAR = 7  # detail: element count
+    WEIGHT_NEGATIVE = 8  # detail: the weight
+    WEIGHT_NOT_FINITE = 9  # detail: the weight
+
+
+class Record(NamedTuple):
+    """One rank's row of the gathered table. Every field is a float so that the whole
+    record travels as a single float64 tensor in a single collective.
+
+    ``value`` is the metric (NaN/Inf kept as they are). When ``metric_problem`` is set,
+    ``value`` carries that problem's detail instead; likewise ``weight`` for
+    ``weight_problem``. ``fingerprint`` is a 53-bit digest of the scheduler state the
+    rank had when it entered ``step`` (see ``DistributedReduceLROnPlateau``).
+    """
+
+    value: float
+    weight: float
+    metric_problem: float
+    weight_problem: float
+    fingerprint: float
+
+
+_NUMPY_NAMES = ("ndarray", "generic")
+
+
+def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
+    """Turn a user-supplied number into a float, or name what is wrong with it."""
+    if isinstance(x, float):  # the common case first: also catches numpy.float64
+        return x, Problem.OK
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            return float(x.numel()), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR
+        if x.is_complex() or x.dtype == torch.bool:
+            return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_NOT_A_NUMBER
+        return float(x.item()), Problem.OK
+    if isinstance(x, bool) or type(x).__name__ == "bool_":
+        return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_BOOL
+    if isinstance(x, numbers.Real):  # int, fractions, numpy integer/floating scalars
+        return float(x), Problem.OK
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(x, np.ndarray):
+        if x.size != 1:
+            return float(x.size), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR
+        if np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating):
+            return float(x.reshape(()).item()), Problem.OK
+    if is_weight:
+        return 0.0, Problem.WEIGHT_NOT_A_NUMBER
+    if x is None:
+        return 0.0, Problem.METRIC_NONE
+    if isinstance(x, str):
+        return 0.0, Problem.METRIC_STR
+    return 0.0, Problem.METRIC_NOT_A_NUMBER
+
+
+def make_record(metrics: Any, weight: Any, fingerprint: float) -> Record:
+    """Build this rank's record. Never raises for bad ``metrics`` or ``weight``."""
+    value, metric_problem = _scalar(metrics, is_weight=False)
+    if weight is None:
+        w, weight_problem = 1.0, Problem.OK
+    else:
+        w, weight_problem = _scalar(weight, is_weight=True)
+        if weight_problem is Problem.OK:
+            if not math.isfinite(w):
+                weight_problem = Problem.WEIGHT_NOT_FINITE
+            elif w < 0:
+                weight_problem = Problem.WEIGHT_NEGATIVE
+    return Record(value, w, float(metric_problem), float(weight_problem), fingerprint)

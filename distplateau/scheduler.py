@@ -1,0 +1,209 @@
+"""``DistributedReduceLROnPlateau``: the thin glue between gather, decide and torch."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from typing import Any, SupportsFloat
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from .decide import NAN_POLICIES, REDUCTIONS, NanPolicy, Reduction, decide
+from .gather import BACKENDS, Backend, Gather, select
+from .record import make_record
+
+__all__ = ["DistributedReduceLROnPlateau"]
+
+logger = logging.getLogger("distplateau")
+
+# Deployment, not state: never saved, never restored from a checkpoint.
+_NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather"})
+_FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
+
+
+class DistributedReduceLROnPlateau(ReduceLROnPlateau):
+    """Reduce the learning rate on a plateau of a metric gathered from every rank.
+
+    A drop-in subclass of :class:`torch.optim.lr_scheduler.ReduceLROnPlateau`. Each
+    :meth:`step` gathers every rank's metric (and weight) in exactly one collective, then
+    every rank applies the same reduction and NaN policy to the same gathered data and
+    hands the result to the parent's ``step``. Learning rates, ``best``,
+    ``num_bad_epochs`` and ``cooldown_counter`` therefore stay bit-identical on every rank.
+    Call :meth:`step` on every rank, the same number of times.
+
+    Args:
+        optimizer (Optimizer): wrapped optimizer.
+        mode (str): ``"min"`` or ``"max"``. Default: ``"min"``.
+        factor (float): factor by which the learning rate is reduced. Default: 0.1.
+        patience (int): bad epochs tolerated before the learning rate is reduced.
+            Default: 10.
+        threshold (float): minimum change that counts as an improvement. Default: 1e-4.
+        threshold_mode (str): ``"rel"`` or ``"abs"``. Default: ``"rel"``.
+        cooldown (int): epochs to wait after a reduction. Default: 0.
+        min_lr (float or list): lower bound on the learning rate(s). Default: 0.
+        eps (float): smaller updates of the learning rate are ignored. Default: 1e-8.
+        reduction (str): how the ranks' metrics become one: ``"mean"`` (weighted by each
+            rank's ``weight``), ``"sum"``, ``"min"`` or ``"max"``. Ranks with weight 0 are
+            left out of every reduction. Default: ``"mean"``.
+        nan_policy (str): what a NaN or +/-Inf metric on a contributing rank does.
+            ``"drop"``: leave those ranks out; if none is finite the step is a bad epoch.
+            ``"raise"``: ``FloatingPointError`` on every rank. ``"skip"``: the step changes
+            nothing. ``"bad"``: the step is a bad epoch. ``"last"``: step on the last finite
+            global value (if there is none yet, as ``"skip"``). ``"zero"``: count
+            non-finite metrics as 0 (misleading in ``"min"`` mode, where 0 looks like a
+            record low). Default: ``"drop"``.
+        backend (str): ``"auto"`` (Horovod if ``horovod.torch`` is initialized, else
+            torch.distributed if initialized, else a single process), ``"horovod"``,
+            ``"torch"`` or ``"none"``. Chosen at the first :meth:`step`. Default: ``"auto"``.
+        process_set: Horovod process set to gather over. Default: all ranks.
+        group: torch.distributed process group to gather over. Default: the world.
+
+    Attributes:
+        last_global_metric (float or None): the value the parent's ``step`` saw last
+            (NaN for a bad epoch forced by the NaN policy), for logging.
+
+    Example:
+        >>> import torch
+        >>> from distplateau import DistributedReduceLROnPlateau
+        >>> model = torch.nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scheduler = DistributedReduceLROnPlateau(optimizer, patience=0)
+        >>> for val_loss in [1.0, 1.0, float("nan"), 0.5]:
+        ...     scheduler.step(val_loss)  # on every rank, once per evaluation
+        >>> scheduler.get_last_lr()
+        [0.0010000000000000002]
+        >>> scheduler.best, scheduler.last_global_metric
+        (0.5, 0.5)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        mode: str = "min",
+        factor: float = 0.1,
+        patience: int = 10,
+        threshold: float = 1e-4,
+        threshold_mode: str = "rel",
+        cooldown: int = 0,
+        min_lr: list[float] | float = 0,
+        eps: float = 1e-8,
+        *,
+        reduction: Reduction = "mean",
+        nan_policy: NanPolicy = "drop",
+        backend: Backend = "auto",
+        process_set: Any = None,
+        group: Any = None,
+    ) -> None:
+        _check_choice("reduction", reduction, REDUCTIONS)
+        _check_choice("nan_policy", nan_policy, NAN_POLICIES)
+        _check_choice("backend", backend, BACKENDS)
+        if process_set is not None and backend not in ("auto", "horovod"):
+            raise ValueError(f"process_set is a Horovod argument; it cannot go with backend={backend!r}")
+        if group is not None and backend not in ("auto", "torch"):
+            raise ValueError(f"group is a torch.distributed argument; it cannot go with backend={backend!r}")
+        if process_set is not None and group is not None:
+            raise ValueError("pass process_set (Horovod) or group (torch.distributed), not both")
+        super().__init__(
+            optimizer, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps  # type: ignore[arg-type]
+        )
+        self.reduction: Reduction = reduction
+        self.nan_policy: NanPolicy = nan_policy
+        self.last_global_metric: float | None = None
+        self.last_finite_metric: float | None = None
+        self.backend: Backend = backend
+        self._process_set = process_set
+        self._group = group
+        self._gather: Gather | None = None
+
+    def step(  # type: ignore[override]
+        self, metrics: SupportsFloat | Any, weight: SupportsFloat | Any = None, epoch: int | None = None
+    ) -> None:
+        """Gather ``metrics`` from every rank, reduce it, and step on the result.
+
+        Args:
+            metrics: this rank's metric: a float or int, a numpy scalar, or a tensor with
+                one element on any device.
+            weight: this rank's weight, a finite number >= 0 (default 1): its number of
+                validation samples makes ``reduction="mean"`` the exact global mean. A rank
+                with weight 0 contributes nothing, whatever its metric.
+            epoch: deprecated, as in the parent.
+
+        Raises:
+            TypeError, ValueError: on every rank, if a metric or weight on any rank is
+                unusable; the scheduler is left unchanged.
+            RuntimeError: on every rank, if the ranks' scheduler states differ.
+            FloatingPointError: on every rank, with ``nan_policy="raise"``.
+        """
+        gather = self._gather
+        if gather is None:
+            gather = self._gather = select(self.backend, process_set=self._process_set, group=self._group)
+        fingerprint = self.fingerprint() if gather.size > 1 else 0.0
+        table = gather(make_record(metrics, weight, fingerprint))
+        decision = decide(
+            table,
+            reduction=self.reduction,
+            nan_policy=self.nan_policy,
+            last_finite=self.last_finite_metric,
+            ranks=gather.ranks,
+        )
+        if decision.nonfinite_ranks and gather.index == 0:
+            logger.warning(
+                "distplateau: metric is NaN or Inf on rank(s) %s at step %d; nan_policy=%r %s",
+                ", ".join(map(str, decision.nonfinite_ranks)),
+                self.last_epoch + 1,
+                self.nan_policy,
+                "changes nothing" if decision.value is None else f"steps on {decision.value!r}",
+            )
+        value = decision.value
+        if value is None:
+            return
+        self.last_global_metric = value
+        if math.isfinite(value):
+            self.last_finite_metric = value
+        super().step(value, epoch)
+
+    def fingerprint(self) -> float:
+        """A 53-bit digest of the scheduler's state, settings and learning rates, as a float.
+
+        Ranks whose fingerprints differ would take different decisions from the same metric;
+        :meth:`step` compares them across ranks inside its one collective.
+        """
+        state = (
+            self.best, self.num_bad_epochs, self.cooldown_counter, self.last_epoch,
+            self.last_finite_metric, self.mode, self.threshold, self.threshold_mode,
+            self.factor, self.patience, self.cooldown, self.min_lrs, self.eps,
+            self.reduction, self.nan_policy,
+            [float(group["lr"]) for group in self.optimizer.param_groups],
+        )
+        digest = hashlib.blake2b(repr(state).encode(), digest_size=8).digest()
+        return float(int.from_bytes(digest, "little") & _FINGERPRINT_MASK)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state as plain values (loadable with ``weights_only=True``).
+
+        It holds what the parent's does plus ``reduction``, ``nan_policy``,
+        ``last_global_metric`` and ``last_finite_metric``; not the optimizer, the backend,
+        the process set or the group, which belong to the run, not to the checkpoint.
+        """
+        return {key: value for key, value in self.__dict__.items() if key not in _NOT_STATE}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, or from plain ``ReduceLROnPlateau``
+        (whose state has no ``reduction``/``nan_policy``: the current settings stay).
+
+        Load the same state dict on every rank.
+
+        Raises:
+            ValueError: the state dict names an unknown reduction or NaN policy.
+        """
+        state = {key: value for key, value in state_dict.items() if key not in _NOT_STATE}
+        _check_choice("reduction", state.get("reduction", self.reduction), REDUCTIONS)
+        _check_choice("nan_policy", state.get("nan_policy", self.nan_policy), NAN_POLICIES)
+        super().load_state_dict(state)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
