@@ -47,8 +47,8 @@ class Decision(NamedTuple):
 def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reduction) -> float:
     """Reduce the contributing ranks' values; ``weights`` matter to ``"mean"`` only.
 
-    A single value is returned as it is (so one rank, or one contributing rank, sees exactly
-    its own metric); ``"mean"`` is ``fsum(w * v) / fsum(w)`` otherwise.
+    ``"mean"`` is ``fsum(w * v) / fsum(w)``, except that equal values (one contributing
+    rank, or a metric already synchronised across ranks) are returned exactly as they are.
 
     Raises:
         ValueError: if ``values`` is empty or ``reduction`` is unknown.
@@ -58,6 +58,9 @@ def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reducti
     if not values:
         raise ValueError("nothing to reduce")
     if reduction == "mean":
+        first = values[0]
+        if all(v == first for v in values):
+            return first
         return math.fsum(w * v for w, v in zip(weights, values)) / math.fsum(weights)
     if reduction == "sum":
         return math.fsum(values)

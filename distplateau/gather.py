@@ -39,19 +39,20 @@ class LocalGather:
     index = 0
 
     def __init__(self, rank: int = 0) -> None:
-        self.ranks = (rank,)
+        self.ranks: tuple[int, ...] = (rank,)
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         return (record,)
 
 
 class TorchGather:
-    """``torch.distributed.all_gather_into_tensor`` of one float64 record per rank."""
+    """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)
+    of one float64 record per rank."""
 
     def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
-        self._dist = dist
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._group = group
         self.size = dist.get_world_size(group)
         self.index = dist.get_rank(group)
@@ -69,9 +70,10 @@ class TorchGather:
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         local = torch.tensor(record, dtype=torch.float64, device=self._device)
-        table = torch.empty((self.size, len(record)), dtype=torch.float64, device=self._device)
-        self._dist.all_gather_into_tensor(table, local, group=self._group)
-        return table.tolist()
+        # Flat output: gloo accepts only the concatenated layout.
+        table = torch.empty(self.size * len(record), dtype=torch.float64, device=self._device)
+        self._all_gather(table, local, group=self._group)
+        return table.view(self.size, len(record)).tolist()
 
 
 class HorovodGather:

@@ -1,0 +1,451 @@
+"""Contract checks that run on real ranks, many per process launch.
+
+Launched by ``tests/test_distributed.py`` either as
+``horovodrun -np N --gloo python tests/distributed_checks.py horovod OUT.json`` or as N
+plain processes with ``RANK``/``WORLD_SIZE``/``MASTER_PORT`` set and backend ``torch``.
+Each check runs on every rank; after each one the ranks exchange their outcome, and rank 0
+rewrites ``OUT.json`` (check name -> list of per-rank errors, ``None`` for a pass), so a
+hang shows which check it was in. Nothing here mocks a collective: the counters wrap the
+real functions and call through.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from distplateau import DistributedReduceLROnPlateau
+
+BACKEND = sys.argv[1]
+OUT = sys.argv[2]
+
+if BACKEND == "horovod":
+    import horovod.torch as hvd
+
+    SUBSET = [0, 2] if int(os.environ["HOROVOD_SIZE"]) >= 3 else None
+    _subset_handle: Any = hvd.ProcessSet(SUBSET) if SUBSET else None
+    hvd.init(process_sets=[_subset_handle] if SUBSET else None)
+    RANK, SIZE = hvd.rank(), hvd.size()
+    gather_object: Callable[[Any], list[Any]] = hvd.allgather_object
+    _module: Any = hvd
+    _collectives = ["allgather", "allreduce", "allreduce_", "broadcast", "broadcast_", "alltoall",
+                    "grouped_allreduce", "reducescatter", "barrier", "join",
+                    "allgather_object", "broadcast_object"]
+else:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    RANK, SIZE = dist.get_rank(), dist.get_world_size()
+    SUBSET = [0, 2] if SIZE >= 3 else None
+    _subset_handle = dist.new_group(SUBSET) if SUBSET else None
+
+    def gather_object(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * SIZE
+        dist.all_gather_object(out, obj)
+        return out
+
+    _module = dist
+    _collectives = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+                    "broadcast", "barrier", "reduce", "gather", "scatter", "reduce_scatter_tensor",
+                    "all_to_all_single", "all_gather_object", "broadcast_object_list"]
+
+# Count every collective the scheduler could call, by wrapping the real functions.
+CALLS = {"n": 0}
+
+
+def _counting(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        CALLS["n"] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+for _name in _collectives:
+    if hasattr(_module, _name):
+        setattr(_module, _name, _counting(getattr(_module, _name)))
+
+
+@contextmanager
+def exactly_one_collective():
+    before = CALLS["n"]
+    yield
+    assert CALLS["n"] - before == 1, f"step issued {CALLS['n'] - before} collectives, expected 1"
+
+
+def make(lr: float = 1.0, **kwargs: Any) -> DistributedReduceLROnPlateau:
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    kwargs.setdefault("backend", BACKEND)
+    return DistributedReduceLROnPlateau(opt, **kwargs)
+
+
+def reference(lr: float = 1.0, **kwargs: Any) -> ReduceLROnPlateau:
+    model = torch.nn.Linear(1, 1)
+    return ReduceLROnPlateau(torch.optim.SGD(model.parameters(), lr=lr), **kwargs)
+
+
+def snapshot(s: ReduceLROnPlateau) -> str:
+    """Everything that must be bit-identical, as exact reprs."""
+    return repr((s.get_last_lr(), [g["lr"] for g in s.optimizer.param_groups], s.best,
+                 s.num_bad_epochs, s.cooldown_counter, s.last_epoch,
+                 getattr(s, "last_global_metric", None)))
+
+
+def same_everywhere(s: ReduceLROnPlateau) -> None:
+    snaps = gather_object(snapshot(s))
+    assert len(set(snaps)) == 1, f"ranks disagree: {snaps}"
+
+
+def matches(ours: ReduceLROnPlateau, ref: ReduceLROnPlateau) -> None:
+    a = (ours.get_last_lr(), ours.best, ours.num_bad_epochs, ours.cooldown_counter, ours.last_epoch)
+    b = (ref.get_last_lr(), ref.best, ref.num_bad_epochs, ref.cooldown_counter, ref.last_epoch)
+    assert repr(a) == repr(b), f"ours {a} != reference {b}"
+
+
+def raises_everywhere(fn: Callable[[], Any], exc: type[BaseException], *needles: str) -> str:
+    """``fn`` (one step) raises ``exc`` with the same message on every rank, after exactly
+    one collective."""
+    with exactly_one_collective():
+        try:
+            fn()
+        except exc as err:
+            msg = str(err)
+        else:
+            raise AssertionError(f"{exc.__name__} not raised on rank {RANK}")
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    msgs = gather_object(msg)
+    assert len(set(msgs)) == 1, f"ranks raised different messages: {msgs}"
+    return msg
+
+
+CHECKS: list[Callable[[], None]] = []
+
+
+def check(fn: Callable[[], None]) -> Callable[[], None]:
+    CHECKS.append(fn)
+    return fn
+
+
+# --- contract 1: a drop-in subclass -------------------------------------------------------
+@check
+def subclass_keeps_parent_arguments_and_attributes() -> None:
+    s = make(0.5, mode="max", factor=0.5, patience=2, threshold=0.01, threshold_mode="abs",
+             cooldown=1, min_lr=0.01, eps=1e-9)
+    r = reference(0.5, mode="max", factor=0.5, patience=2, threshold=0.01, threshold_mode="abs",
+                  cooldown=1, min_lr=0.01, eps=1e-9)
+    assert isinstance(s, ReduceLROnPlateau)
+    for name in ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown",
+                 "min_lrs", "eps", "best", "num_bad_epochs", "cooldown_counter", "last_epoch"):
+        assert getattr(s, name) == getattr(r, name), name
+    assert s.get_last_lr() == r.get_last_lr()
+    d = make()
+    assert (d.mode, d.factor, d.patience, d.threshold, d.threshold_mode, d.cooldown, d.min_lrs, d.eps) == (
+        "min", 0.1, 10, 1e-4, "rel", 0, [0], 1e-8)
+
+
+# --- contract 2, 4, 10: inputs, weights, reductions -----------------------------------------
+@check
+def every_scalar_kind_is_accepted_and_reduced() -> None:
+    kinds = [float(RANK) + 0.5, RANK + 1, np.float32(RANK + 0.25), np.float64(RANK), np.int64(RANK),
+             torch.tensor(RANK + 0.75), torch.tensor([RANK + 1.0]), torch.tensor(RANK, dtype=torch.int32),
+             torch.tensor(RANK + 0.5, dtype=torch.float16), np.array(RANK + 2.0),
+             torch.tensor(RANK + 1.0, requires_grad=True) * 1]
+    s = make(patience=100)
+    for i, metric in enumerate(kinds):
+        locals_ = gather_object(float(metric.item() if hasattr(metric, "item") else metric))
+        with exactly_one_collective():
+            s.step(metric)
+        assert s.last_global_metric == math.fsum(locals_) / SIZE, (i, s.last_global_metric, locals_)
+    same_everywhere(s)
+
+
+@check
+def weighted_mean_is_the_exact_global_mean_on_uneven_shards() -> None:
+    gen = torch.Generator().manual_seed(1234)
+    shards = [torch.rand(7 * (r + 1) + r, generator=gen, dtype=torch.float64) for r in range(SIZE)]
+    shards[-1] = shards[-1][:0]  # the last rank has an empty shard: mean NaN, weight 0
+    local = shards[RANK]
+    s = make(patience=100)
+    with exactly_one_collective():
+        s.step(local.mean(), weight=local.numel())
+    everything = torch.cat(shards)
+    expected = float(everything.sum() / everything.numel())
+    assert math.isclose(s.last_global_metric, expected, rel_tol=1e-14), (s.last_global_metric, expected)
+    unweighted = float(torch.stack([sh.mean() for sh in shards[:-1]]).mean())
+    if SIZE >= 3:  # two non-empty shards of different sizes: a mean of means is wrong
+        assert not math.isclose(s.last_global_metric, unweighted, rel_tol=1e-9)
+    same_everywhere(s)
+
+
+@check
+def reductions_sum_min_max_mean() -> None:
+    values = [float(r * r) - 1.5 for r in range(SIZE)]
+    expected = {"mean": math.fsum(values) / SIZE, "sum": math.fsum(values), "min": min(values), "max": max(values)}
+    for reduction, want in expected.items():
+        s = make(reduction=reduction)
+        with exactly_one_collective():
+            s.step(values[RANK])
+        assert s.last_global_metric == want, (reduction, s.last_global_metric, want)
+        same_everywhere(s)
+
+
+@check
+def schedule_matches_torch_fed_the_global_mean() -> None:
+    gen = torch.Generator().manual_seed(7)
+    per_rank = torch.rand(40, SIZE, generator=gen, dtype=torch.float64) + torch.linspace(2, 1, 40).unsqueeze(1)
+    weights = [float(r + 1) for r in range(SIZE)]
+    kw = dict(mode="min", factor=0.5, patience=1, threshold=0.02, cooldown=1, min_lr=1e-3)
+    s, r = make(**kw), reference(**kw)
+    for epoch in range(40):
+        row = per_rank[epoch].tolist()
+        s.step(row[RANK], weight=weights[RANK])
+        r.step(math.fsum(w * v for w, v in zip(weights, row)) / math.fsum(weights))
+        matches(s, r)
+    assert s.get_last_lr()[0] < 1.0
+    same_everywhere(s)
+
+
+# --- contract 5: NaN policies ----------------------------------------------------------------
+@check
+def nan_policy_drop_leaves_the_rank_out() -> None:
+    for bad in (math.nan, math.inf, -math.inf):
+        s = make(nan_policy="drop")
+        s.step(bad if RANK == 1 else float(RANK))
+        finite = [float(r) for r in range(SIZE) if r != 1]
+        assert s.last_global_metric == math.fsum(finite) / len(finite)
+        same_everywhere(s)
+    s, r = make(patience=0), reference(patience=0)
+    s.step(1.0), r.step(1.0)
+    s.step(math.nan), r.step(math.nan)  # nothing finite left: a bad epoch, as torch does
+    matches(s, r)
+    assert math.isnan(s.last_global_metric)
+
+
+@check
+def nan_policy_raise_names_the_ranks_everywhere() -> None:
+    s = make(nan_policy="raise")
+    s.step(1.0)
+    before = snapshot(s)
+    raises_everywhere(lambda: s.step(math.nan if RANK in (0, SIZE - 1) else 1.0), FloatingPointError,
+                      f"ranks 0, {SIZE - 1}")
+    assert snapshot(s) == before
+
+
+@check
+def nan_policy_skip_changes_nothing() -> None:
+    s = make(patience=0, nan_policy="skip")
+    s.step(1.0)
+    before = snapshot(s)
+    with exactly_one_collective():
+        s.step(math.inf if RANK == 1 else 0.1)
+    assert snapshot(s) == before
+    s.step(0.5)
+    assert s.best == 0.5
+
+
+@check
+def nan_policy_bad_counts_a_bad_epoch() -> None:
+    s, r = make(patience=1, nan_policy="bad"), reference(patience=1)
+    for step, value in enumerate([1.0, 0.5, 0.1, 0.05]):
+        poisoned = step in (1, 2) and RANK == 1
+        s.step(math.nan if poisoned else value)
+        r.step(math.nan if step in (1, 2) else value)
+        matches(s, r)
+    assert s.get_last_lr() == [0.1]
+
+
+@check
+def nan_policy_last_reuses_the_last_finite_value() -> None:
+    s = make(patience=0, nan_policy="last")
+    s.step(math.nan if RANK == 0 else 1.0)  # nothing finite yet: as "skip"
+    assert s.last_epoch == 0 and s.last_global_metric is None
+    s.step(2.0)
+    s.step(math.nan if RANK == 0 else 0.0)
+    assert s.last_global_metric == 2.0 and s.last_epoch == 2 and s.num_bad_epochs == 0
+    assert s.get_last_lr() == [0.1]  # 2.0 again is not an improvement: patience 0 reduces
+    same_everywhere(s)
+
+
+@check
+def nan_policy_zero_counts_nonfinite_as_zero() -> None:
+    s = make(nan_policy="zero", reduction="mean")
+    s.step(math.nan if RANK == 0 else 3.0)
+    assert s.last_global_metric == 3.0 * (SIZE - 1) / SIZE
+    same_everywhere(s)
+
+
+# --- contract 3: one collective, whatever the settings ----------------------------------------
+@check
+def one_collective_per_step_for_every_reduction_and_policy() -> None:
+    for reduction in ("mean", "sum", "min", "max"):
+        for policy in ("drop", "skip", "bad", "last", "zero"):
+            s = make(reduction=reduction, nan_policy=policy)
+            for value in (1.0, math.nan if RANK == 0 else 2.0, 0.5):
+                with exactly_one_collective():
+                    s.step(value, weight=RANK + 1)
+            same_everywhere(s)
+
+
+# --- contract 7: no rank stranded ------------------------------------------------------------
+BAD_INPUTS: list[tuple[Any, Any, type[Exception], str]] = [
+    (None, None, TypeError, "metric is None"),
+    ("0.5", None, TypeError, "metric is a str"),
+    (True, None, TypeError, "metric is a bool"),
+    ([1.0, 2.0], None, TypeError, "metric is not a real number"),
+    (torch.ones(3), None, ValueError, "metric has 3 elements"),
+    (np.ones((2, 2)), None, ValueError, "metric has 4 elements"),
+    (1.0, -1.0, ValueError, "weight is negative"),
+    (1.0, math.nan, ValueError, "weight is not finite"),
+    (1.0, math.inf, ValueError, "weight is not finite"),
+    (1.0, "3", TypeError, "weight is not a real number"),
+    (1.0, torch.ones(2), ValueError, "weight has 2 elements"),
+]
+
+
+@check
+def bad_input_on_one_rank_raises_the_same_error_on_every_rank() -> None:
+    culprit = SIZE - 1
+    s = make(patience=0)
+    s.step(1.0)
+    before = snapshot(s)
+    for metric, weight, exc, text in BAD_INPUTS:
+        m, w = (metric, weight) if RANK == culprit else (0.5, 1.0)
+        raises_everywhere(lambda m=m, w=w: s.step(m, weight=w), exc, text, f"on rank {culprit}")
+        assert snapshot(s) == before
+    s.step(0.5)  # and the scheduler still works afterwards, in step on every rank
+    assert s.best == 0.5
+    same_everywhere(s)
+
+
+@check
+def every_weight_zero_is_an_error_not_a_step() -> None:
+    s = make()
+    raises_everywhere(lambda: s.step(1.0, weight=0), ValueError, "every rank passed weight 0")
+    assert s.last_epoch == 0
+
+
+# --- contract 8: diverged state ---------------------------------------------------------------
+@check
+def diverged_state_raises_everywhere() -> None:
+    s = make(patience=5)
+    s.step(1.0)
+    s.step(2.0)
+    good = s.state_dict()
+    if RANK == 1:  # only some ranks "loaded a checkpoint"
+        s.load_state_dict({**good, "num_bad_epochs": 0})
+    msg = raises_everywhere(lambda: s.step(1.0), RuntimeError, "scheduler state differs across ranks")
+    assert "rank 1" in msg
+    s.load_state_dict(good)
+    s.step(3.0)
+    assert s.num_bad_epochs == 2
+    same_everywhere(s)
+
+    t = make(nan_policy="skip" if RANK == 0 else "drop")
+    raises_everywhere(lambda: t.step(1.0), RuntimeError, "scheduler state differs")
+
+
+# --- contract 9: state_dict ------------------------------------------------------------------
+@check
+def state_dict_round_trips_with_weights_only_and_accepts_plain_torch_state() -> None:
+    s = make(patience=1, reduction="max", nan_policy="last")
+    for v in (3.0, 2.0, math.nan, 2.5):
+        s.step(v + RANK)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["reduction"] == "max" and state["nan_policy"] == "last"
+    assert "optimizer" not in state and "_gather" not in state
+    fresh = make(patience=1)
+    fresh.load_state_dict(state)
+    fresh.optimizer.param_groups[0]["lr"] = s.optimizer.param_groups[0]["lr"]
+    assert (fresh.reduction, fresh.nan_policy) == ("max", "last")
+    for v in (2.4, 2.3, 2.2):
+        s.step(v + RANK)
+        fresh.step(v + RANK)
+        assert snapshot(s) == snapshot(fresh)
+
+    plain = reference(patience=3)
+    plain.step(1.0)
+    ours = make(patience=3, reduction="min")
+    ours.load_state_dict(plain.state_dict())
+    assert ours.last_epoch == 1 and ours.best == 1.0 and ours.reduction == "min"
+    ours.step(RANK + 0.5)
+    assert ours.last_global_metric == 0.5
+    same_everywhere(ours)
+
+
+# --- contract 6: backends, process sets and groups -------------------------------------------
+@check
+def auto_backend_finds_the_initialized_one_and_none_gathers_nothing() -> None:
+    s = make(backend="auto")
+    s.step(float(RANK))
+    assert type(s._gather).__name__ == ("HorovodGather" if BACKEND == "horovod" else "TorchGather")
+    assert s.last_global_metric == math.fsum(range(SIZE)) / SIZE
+    alone = make(backend="none")
+    before = CALLS["n"]
+    alone.step(float(RANK))
+    assert CALLS["n"] == before and alone.last_global_metric == float(RANK)
+
+
+@check
+def subset_group_gathers_only_its_ranks_and_names_global_ranks() -> None:
+    if SUBSET is None:
+        return
+    key = "process_set" if BACKEND == "horovod" else "group"
+    if RANK in SUBSET:
+        s = make(**{key: _subset_handle})
+        s.step(float(RANK) * 10)
+        assert s.last_global_metric == math.fsum(10.0 * r for r in SUBSET) / len(SUBSET)
+        assert s._gather.ranks == tuple(SUBSET)
+        msg = ""
+        try:
+            s.step(None if RANK == SUBSET[-1] else 1.0)
+        except TypeError as err:
+            msg = str(err)
+        assert f"on rank {SUBSET[-1]}" in msg, msg
+    else:
+        s = make(**{key: _subset_handle})
+        try:
+            s.step(1.0)
+        except ValueError as err:
+            assert "not" in str(err) and "member" in str(err) or "not in the process set" in str(err), err
+        else:
+            raise AssertionError("a non-member stepped")
+
+
+def main() -> None:
+    results: dict[str, list[str | None]] = {}
+    for fn in CHECKS:
+        try:
+            fn()
+            err = None
+        except Exception:
+            err = traceback.format_exc()
+        results[fn.__name__] = gather_object(err)
+        if RANK == 0:
+            with open(OUT + ".tmp", "w") as f:
+                json.dump({"size": SIZE, "backend": BACKEND, "results": results}, f)
+            os.replace(OUT + ".tmp", OUT)
+    if BACKEND == "horovod":
+        hvd.shutdown()
+    else:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Launch a script on N real ranks, under horovodrun or as torch.distributed gloo processes,
+with a hard timeout so that a hang fails the test instead of stalling CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+Completed = subprocess.CompletedProcess[str]
+
+
+def _horovodrun() -> str | None:
+    return shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+
+def horovodrun_available() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
+    return _horovodrun() is not None
+
+
+def run_horovod(np_: int, args: list[str], timeout: float, env: dict[str, str] | None = None) -> Completed:
+    exe = _horovodrun()
+    assert exe, "horovodrun not found: run `python -m distplateau.install_horovod`"
+    cmd = [exe, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", "--gloo-timeout-seconds", "60",
+           sys.executable, *args]
+    return _run(cmd, timeout, _env(env))
+
+
+def run_torch(world: int, args: list[str], timeout: float, env: dict[str, str] | None = None) -> Completed:
+    """World-size processes with the env:// rendezvous variables, on a free port."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        e = _env({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})})
+        procs.append(subprocess.Popen([sys.executable, *args], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outputs, codes = [], []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+            codes.append(p.returncode)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            _kill(p)
+        outs = [p.communicate()[0] for p in procs]
+        raise subprocess.TimeoutExpired(args, timeout, output="\n".join(o or "" for o in outs)) from None
+    text = "".join(f"--- rank {r} ---\n{o}" for r, o in enumerate(outputs))
+    return subprocess.CompletedProcess(args, max(codes, key=abs), text, "")
+
+
+def _kill(p: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> Completed:
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(p)
+        out = p.communicate()[0]
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, "")
