@@ -51,9 +51,6 @@ class Record(NamedTuple):
     fingerprint: float
 
 
-_NUMPY_NAMES = ("ndarray", "generic")
-
-
 def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
     """Turn a user-supplied number into a float, or name what is wrong with it."""
     if isinstance(x, float):  # the common case first: also catches numpy.float64
@@ -64,11 +61,11 @@ def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
         if x.is_complex() or x.dtype == torch.bool:
             return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_NOT_A_NUMBER
         return float(x.item()), Problem.OK
-    if isinstance(x, bool) or type(x).__name__ == "bool_":
+    np = sys.modules.get("numpy")  # never imported here: if it is not loaded, x is no numpy object
+    if isinstance(x, bool) or (np is not None and isinstance(x, np.bool_)):
         return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_BOOL
     if isinstance(x, numbers.Real):  # int, fractions, numpy integer/floating scalars
         return float(x), Problem.OK
-    np = sys.modules.get("numpy")
     if np is not None and isinstance(x, np.ndarray):
         if x.size != 1:
             return float(x.size), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR

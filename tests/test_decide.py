@@ -1,0 +1,121 @@
+"""The pure decision: validation, diverged state, NaN policies and reductions on a table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from distplateau import NAN_POLICIES, decide
+from distplateau.decide import reduce
+from distplateau.record import Problem
+
+NAN = math.nan
+
+
+def table(*values: float, weights: tuple[float, ...] | None = None, fingerprints: tuple[float, ...] | None = None):
+    weights = weights or (1.0,) * len(values)
+    fingerprints = fingerprints or (7.0,) * len(values)
+    return [(v, w, 0.0, 0.0, f) for v, w, f in zip(values, weights, fingerprints)]
+
+
+def run(t, policy="drop", reduction="mean", last=None, ranks=None):
+    return decide(t, reduction=reduction, nan_policy=policy, last_finite=last, ranks=ranks)
+
+
+def test_weighted_mean_is_sum_of_weighted_values_over_sum_of_weights():
+    assert run(table(1.0, 4.0, weights=(3.0, 1.0))).value == (3.0 + 4.0) / 4.0
+
+
+def test_equal_values_come_back_exactly_from_mean():
+    assert run(table(0.05, 0.05, 0.05)).value == 0.05
+    assert reduce([0.1], [3.0], "mean") == 0.1
+
+
+@pytest.mark.parametrize("reduction,expected", [("sum", 6.0), ("min", 1.0), ("max", 3.0), ("mean", 2.0)])
+def test_reductions(reduction, expected):
+    assert run(table(1.0, 2.0, 3.0), reduction=reduction).value == expected
+
+
+def test_weight_only_masks_ranks_for_sum_min_max():
+    t = table(1.0, 2.0, 10.0, weights=(5.0, 1.0, 0.0))
+    assert run(t, reduction="sum").value == 3.0
+    assert run(t, reduction="max").value == 2.0
+
+
+def test_zero_weight_rank_contributes_nothing_not_even_its_nan():
+    d = run(table(2.0, NAN, weights=(4.0, 0.0)), policy="raise")
+    assert d == (2.0, ())
+
+
+def test_nan_on_one_rank_is_dropped_from_weighted_mean():
+    d = run(table(1.0, NAN, 3.0, weights=(1.0, 5.0, 3.0)))
+    assert d.value == (1.0 + 9.0) / 4.0 and d.nonfinite_ranks == (1,)
+
+
+def test_drop_with_nothing_finite_is_a_bad_epoch():
+    d = run(table(NAN, math.inf))
+    assert math.isnan(d.value) and d.nonfinite_ranks == (0, 1)
+
+
+def test_raise_names_every_nonfinite_rank():
+    with pytest.raises(FloatingPointError, match="ranks 1, 2 and nan_policy='raise'"):
+        run(table(1.0, NAN, -math.inf), policy="raise")
+
+
+def test_skip_bad_last_zero():
+    t = table(1.0, math.inf, 3.0)
+    assert run(t, policy="skip") == (None, (1,))
+    assert math.isnan(run(t, policy="bad").value)
+    assert run(t, policy="last", last=0.25) == (0.25, (1,))
+    assert run(t, policy="last", last=None).value is None
+    assert run(t, policy="zero").value == 4.0 / 3.0
+
+
+def test_zero_policy_makes_a_diverging_rank_look_like_a_record_low_in_min_mode():
+    assert run(table(5.0, NAN), policy="zero", reduction="min").value == 0.0
+
+
+@pytest.mark.parametrize("policy", NAN_POLICIES)
+def test_every_policy_leaves_all_finite_tables_alone(policy):
+    assert run(table(1.0, 2.0), policy=policy) == (1.5, ())
+
+
+def test_all_weights_zero_is_a_value_error():
+    with pytest.raises(ValueError, match="every rank passed weight 0"):
+        run(table(1.0, 2.0, weights=(0.0, 0.0)))
+
+
+def test_bad_inputs_are_named_by_rank_and_type_errors_win():
+    t = table(1.0, 2.0, 3.0)
+    t[1] = (3.0, 1.0, float(Problem.METRIC_NOT_SCALAR), 0.0, 7.0)
+    t[2] = (0.0, 0.0, float(Problem.METRIC_NONE), float(Problem.WEIGHT_NEGATIVE), 7.0)
+    with pytest.raises(TypeError) as err:
+        run(t, ranks=(4, 5, 6))
+    assert "metric has 3 elements, not 1 on rank 5" in str(err.value)
+    assert "metric is None on rank 6" in str(err.value)
+    assert "weight is negative (0.0) on rank 6" in str(err.value)
+
+
+def test_value_problems_alone_raise_value_error():
+    t = table(1.0, 2.0)
+    t[0] = (1.0, math.inf, 0.0, float(Problem.WEIGHT_NOT_FINITE), 7.0)
+    with pytest.raises(ValueError, match=r"weight is not finite \(inf\) on rank 0"):
+        run(t)
+
+
+def test_different_fingerprints_raise_runtime_error_grouping_ranks():
+    with pytest.raises(RuntimeError, match="ranks 0, 2 vs rank 1"):
+        run(table(1.0, 1.0, 1.0, fingerprints=(1.0, 2.0, 1.0)))
+
+
+def test_input_errors_are_reported_before_diverged_state():
+    t = table(1.0, 1.0, fingerprints=(1.0, 2.0))
+    t[0] = (0.0, 1.0, float(Problem.METRIC_STR), 0.0, 1.0)
+    with pytest.raises(TypeError):
+        run(t)
+
+
+def test_unknown_reduction_is_rejected():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        reduce([1.0, 2.0], [1.0, 1.0], "median")  # type: ignore[arg-type]
