@@ -74,7 +74,8 @@ def train(epochs: int, nan_epoch: int) -> dict[str, list[float]]:
                 schedulers[name].step(val_loss, weight=len(x_val))
     for name, model in models.items():
         flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        spread = hvd.allreduce(flat, op=hvd.Max, name=f"{name}.max") - hvd.allreduce(flat, op=hvd.Min, name=f"{name}.min")
+        highest = hvd.allreduce(flat, op=hvd.Max, name=f"{name}.max")
+        spread = highest - hvd.allreduce(flat, op=hvd.Min, name=f"{name}.min")
         history[f"{name}_weight_spread"] = [float(spread.abs().max())]
     return history
 
@@ -90,7 +91,8 @@ def main() -> None:
     everyone = hvd.allgather_object(history)
     if hvd.rank() == 0:
         size = hvd.size()
-        print(f"\nlearning rate used in each epoch, per rank ({size} ranks; NaN val loss on rank 1 at epoch {args.nan_epoch})")
+        print(f"\nlearning rate used in each epoch, per rank ({size} ranks; "
+              f"NaN val loss on rank 1 at epoch {args.nan_epoch})")
         head = " ".join(f"plain r{r:<4}" for r in range(size)) + " | " + " ".join(f"ours r{r:<5}" for r in range(size))
         print(f"epoch | {head}")
         for e in range(args.epochs):

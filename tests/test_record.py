@@ -44,8 +44,9 @@ def test_bad_metrics_are_encoded_not_raised(metric, problem, detail):
 
 @pytest.mark.parametrize(
     "weight,problem",
-    [(-1, Problem.WEIGHT_NEGATIVE), (math.nan, Problem.WEIGHT_NOT_FINITE), (math.inf, Problem.WEIGHT_NOT_FINITE),
-     ("2", Problem.WEIGHT_NOT_A_NUMBER), (False, Problem.WEIGHT_NOT_A_NUMBER), (torch.ones(2), Problem.WEIGHT_NOT_SCALAR)],
+    [(-1, Problem.WEIGHT_NEGATIVE), (math.nan, Problem.WEIGHT_NOT_FINITE),
+     (math.inf, Problem.WEIGHT_NOT_FINITE), ("2", Problem.WEIGHT_NOT_A_NUMBER),
+     (False, Problem.WEIGHT_NOT_A_NUMBER), (torch.ones(2), Problem.WEIGHT_NOT_SCALAR)],
 )
 def test_bad_weights_are_encoded_not_raised(weight, problem):
     assert make_record(1.0, weight, 0.0).weight_problem == problem
