@@ -15,10 +15,13 @@ Run it in the environment that will train::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 from pathlib import Path
@@ -41,6 +44,9 @@ _BUILD_ENV = {
     "HOROVOD_WITHOUT_TENSORFLOW": "1",
     "HOROVOD_WITHOUT_MXNET": "1",
     "HOROVOD_CPU_OPERATIONS": "gloo",
+    # CMake 4 refuses projects that ask for CMake < 3.5, as some of Horovod's bundled
+    # third-party projects do; this lets them configure. CMake 3.x ignores it.
+    "CMAKE_POLICY_VERSION_MINIMUM": "3.5",
 }
 
 
@@ -54,6 +60,11 @@ def _check_prerequisites() -> str:
     cmake = shutil.which("cmake")
     if cmake is None:
         missing.append("cmake (>= 3.13): apt-get install cmake, or pip install cmake")
+    else:
+        found = subprocess.run([cmake, "--version"], capture_output=True, text=True, check=False).stdout
+        version = re.search(r"(\d+)\.(\d+)", found)
+        if version is None or (int(version[1]), int(version[2])) < (3, 13):
+            missing.append(f"cmake >= 3.13 (found {found.splitlines()[0] if found else 'an unusable cmake'})")
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         missing.append("a C++17 compiler (g++ >= 8): apt-get install g++, or set CXX")
     try:
@@ -64,6 +75,11 @@ def _check_prerequisites() -> str:
         major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
         if major_minor < (2, 1):
             missing.append(f"torch >= 2.1 (found {torch.__version__})")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        missing.append("the Python headers (Python.h): apt-get install python3-dev")
+    for module in ("setuptools", "wheel", "packaging"):
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"{module}: pip install 'distplateau[horovod]' (or pip install {module})")
     if missing:
         raise InstallError(
             "cannot build Horovod, missing:\n  - " + "\n  - ".join(missing)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -286,6 +287,24 @@ def nan_policy_zero_counts_nonfinite_as_zero() -> None:
     s.step(math.nan if RANK == 0 else 3.0)
     assert s.last_global_metric == 3.0 * (SIZE - 1) / SIZE
     same_everywhere(s)
+
+
+@check
+def nonfinite_metrics_are_logged_once_from_rank_0_only() -> None:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("distplateau")
+    logger.addHandler(handler)
+    try:
+        s = make()
+        s.step(math.nan if RANK == 1 else 1.0)
+        s.step(1.0)
+    finally:
+        logger.removeHandler(handler)
+    messages = gather_object([r.getMessage() for r in records])
+    assert messages[0] == ["distplateau: metric is NaN or Inf on rank(s) 1 at step 1; nan_policy='drop' steps on 1.0"]
+    assert all(m == [] for m in messages[1:]), messages
 
 
 # --- contract 3: one collective, whatever the settings ----------------------------------------
