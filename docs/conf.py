@@ -1,0 +1,39 @@
+"""Sphinx configuration: Markdown pages (MyST), API reference from the docstrings."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import distplateau
+
+project = "distplateau"
+author = "the distplateau authors"
+copyright = "2026, the distplateau authors"
+release = version = distplateau.__version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.doctest",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+exclude_patterns = ["_build", "figures/*.py"]
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+# No network at build time (CI and this machine): cross-references to torch and Python
+# stay plain text instead of links; intersphinx is kept for builds that pass -D to enable it.
+intersphinx_mapping: dict[str, tuple[str, str | None]] = {}
+nitpicky = False
+
+html_theme = "furo" if importlib.util.find_spec("furo") else "alabaster"
+html_title = f"distplateau {release}"
