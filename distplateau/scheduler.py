@@ -19,7 +19,7 @@ __all__ = ["DistributedReduceLROnPlateau"]
 logger = logging.getLogger("distplateau")
 
 # Deployment, not state: never saved, never restored from a checkpoint.
-_NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather"})
+_NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather", "default_weight"})
 _FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
 
 
@@ -59,10 +59,18 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             ``"torch"`` or ``"none"``. Chosen at the first :meth:`step`. Default: ``"auto"``.
         process_set: Horovod process set to gather over. Default: all ranks.
         group: torch.distributed process group to gather over. Default: the world.
+        monitor (str or None): name of the metric to step on, for frameworks that read it
+            from the scheduler (Lightning's ``LightningCLI``,
+            :class:`distplateau.lightning.DistributedPlateauCallback`). Unused by
+            :meth:`step` itself. Default: ``None``.
 
     Attributes:
         last_global_metric (float or None): the value the parent's ``step`` saw last
             (NaN for a bad epoch forced by the NaN policy), for logging.
+        default_weight (float or None): this rank's weight when :meth:`step` is called
+            without one (``None`` means 1). Per rank and per run: never saved in
+            :meth:`state_dict`. :class:`distplateau.lightning.DistributedPlateauCallback`
+            sets it to the rank's number of validation samples.
 
     Example:
         >>> import torch
@@ -95,6 +103,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         backend: Backend = "auto",
         process_set: Any = None,
         group: Any = None,
+        monitor: str | None = None,
     ) -> None:
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("nan_policy", nan_policy, NAN_POLICIES)
@@ -116,6 +125,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         self._process_set = process_set
         self._group = group
         self._gather: Gather | None = None
+        self.monitor = monitor
+        self.default_weight: SupportsFloat | Any = None
 
     def step(  # type: ignore[override]
         self, metrics: SupportsFloat | Any, weight: SupportsFloat | Any = None, epoch: int | None = None
@@ -125,9 +136,10 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         Args:
             metrics: this rank's metric: a float or int, a numpy scalar, or a tensor with
                 one element on any device.
-            weight: this rank's weight, a finite number >= 0 (default 1): its number of
-                validation samples makes ``reduction="mean"`` the exact global mean. A rank
-                with weight 0 contributes nothing, whatever its metric.
+            weight: this rank's weight, a finite number >= 0 (default
+                :attr:`default_weight`, or 1 if that is ``None``): its number of validation
+                samples makes ``reduction="mean"`` the exact global mean. A rank with weight 0
+                contributes nothing, whatever its metric.
             epoch: deprecated, as in the parent.
 
         Raises:
@@ -139,6 +151,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         gather = self._gather
         if gather is None:
             gather = self._gather = select(self.backend, process_set=self._process_set, group=self._group)
+        if weight is None:
+            weight = self.default_weight
         fingerprint = self.fingerprint() if gather.size > 1 else 0.0
         table = gather(make_record(metrics, weight, fingerprint))
         decision = decide(

@@ -1,0 +1,219 @@
+"""``HorovodStrategy``: data-parallel training under ``horovodrun`` for Lightning 2.x.
+
+Lightning 2.0 removed its Horovod strategy; this one follows Lightning's own
+``DDPStrategy`` wherever Horovod allows, so that switching between ``strategy="ddp"`` and
+``strategy="horovod"`` changes the transport, not the training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["HorovodStrategy"]
+
+
+def _import_horovod() -> Any:
+    try:
+        import horovod.torch as hvd
+    except ImportError as err:
+        raise ImportError(
+            f"HorovodStrategy needs horovod.torch, which failed to import ({err}); build it with "
+            "`python -m distplateau.install_horovod` and launch with `horovodrun -np N --gloo python train.py`"
+        ) from err
+    return hvd
+
+
+class HorovodStrategy(ParallelStrategy):
+    """Data-parallel training with Horovod: one process per device, launched by
+    ``horovodrun``. Registered as ``Trainer(strategy="horovod")`` by
+    ``import distplateau.lightning``.
+
+    Rank and world size come from Horovod (``hvd.init()`` runs when the strategy is
+    built). At the start of ``fit`` the parameters, buffers and optimizer state of rank 0
+    are broadcast to every rank; gradients are averaged across ranks with
+    ``hvd.DistributedOptimizer`` (after each backward of the step that calls the optimizer,
+    so gradient clipping sees averaged gradients; ``accumulate_grad_batches`` is honoured).
+    As with ``DDPStrategy``, the learning rate is not scaled by the world size and each
+    rank reads its own shard through a ``DistributedSampler``. ``reduce``, ``all_gather``,
+    ``broadcast`` and ``barrier`` go through Horovod; checkpoints are written by rank 0.
+
+    Args:
+        accelerator: as for every Lightning strategy; normally left to the ``Trainer``.
+        parallel_devices: as for every Lightning strategy; normally left to the ``Trainer``.
+        checkpoint_io: how checkpoints are written. Default: Lightning's.
+        precision_plugin: Default: Lightning's, from ``Trainer(precision=...)``.
+
+    Example::
+
+        # train.py, launched as: horovodrun -np 2 --gloo python train.py
+        import distplateau.lightning  # registers strategy="horovod"
+        trainer = lightning.pytorch.Trainer(strategy="horovod", accelerator="cpu", max_epochs=5)
+        trainer.fit(model)
+    """
+
+    strategy_name = "horovod"
+
+    def __init__(
+        self,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=None,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._hvd = _import_horovod()
+        if not self._hvd.is_initialized():
+            self._hvd.init()
+        # Set now, not in setup_environment: the Trainer logs from rank 0 before that.
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    @property
+    def global_rank(self) -> int:
+        return int(self._hvd.rank())
+
+    @property
+    def local_rank(self) -> int:
+        return int(self._hvd.local_rank())
+
+    @property
+    def node_rank(self) -> int:
+        return int(self._hvd.cross_rank())
+
+    @property
+    def world_size(self) -> int:
+        return int(self._hvd.size())
+
+    @property
+    def is_distributed(self) -> bool:
+        """Always ``True``: the ``Trainer`` then adds a ``DistributedSampler``."""
+        return True
+
+    @property
+    def root_device(self) -> torch.device:
+        devices = self.parallel_devices or [torch.device("cpu")]
+        if devices[0].type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return devices[0]
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def setup_environment(self) -> None:
+        rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+        super().setup_environment()
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        hvd = self._hvd
+        assert self.model is not None
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        wrapped = []
+        for optimizer in self.optimizers:
+            # Optimizer state travels pickled: hvd.broadcast_optimizer_state would take a
+            # dummy step to create missing state, which moves the weights under weight decay.
+            state = hvd.broadcast_object(optimizer.state_dict(), root_rank=0, name="distplateau.optimizer_state")
+            if self.global_rank != 0:
+                optimizer.load_state_dict(state)
+            distributed = hvd.DistributedOptimizer(
+                optimizer,
+                named_parameters=_named_parameters(self.model, optimizer),
+                backward_passes_per_step=trainer.accumulate_grad_batches,
+                op=hvd.Average,
+            )
+            # The wrapper is a new optimizer object: schedulers must step the one that trains.
+            for config in self.lr_scheduler_configs:
+                if getattr(config.scheduler, "optimizer", None) is optimizer:
+                    config.scheduler.optimizer = distributed
+            wrapped.append(distributed)
+        self.optimizers = wrapped
+
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
+        if not hasattr(optimizer, "synchronize"):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_average() -> Any:
+            result = closure()  # forward and backward; Horovod's hooks start the allreduces
+            optimizer.synchronize()  # type: ignore[attr-defined]
+            return result
+
+        # Lightning runs the closure inside optimizer.step(); averaging must finish after the
+        # closure's backward and before gradient clipping and the update, not before the closure.
+        with optimizer.skip_synchronize():  # type: ignore[attr-defined]
+            return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """Reduce ``tensor`` over all ranks with ``hvd.allreduce``: ``"mean"``/``"avg"``
+        (default), ``"sum"``, ``"max"`` or ``"min"``. Non-tensors are returned as they are.
+
+        Raises:
+            ValueError: a ``group`` was given (Horovod uses process sets) or the operation is unknown.
+        """
+        if not isinstance(tensor, Tensor):
+            return tensor
+        if group is not None:
+            raise ValueError("HorovodStrategy.reduce reduces over all ranks; it takes no `group`")
+        name = str(getattr(reduce_op, "name", reduce_op)).lower() if reduce_op is not None else "mean"
+        ops = {"mean": self._hvd.Average, "avg": self._hvd.Average, "sum": self._hvd.Sum,
+               "max": self._hvd.Max, "min": self._hvd.Min}
+        if name not in ops:
+            raise ValueError(f"HorovodStrategy.reduce: unsupported reduce_op {reduce_op!r}; use one of {list(ops)}")
+        return self._hvd.allreduce(tensor, op=ops[name])
+
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        """Stack ``tensor`` from every rank into shape ``(world_size, *tensor.shape)``
+        with one ``hvd.allgather``; gradients flow back through it with ``sync_grads=True``.
+
+        Raises:
+            ValueError: a ``group`` was given.
+        """
+        if group is not None:
+            raise ValueError("HorovodStrategy.all_gather gathers over all ranks; it takes no `group`")
+        with nullcontext() if sync_grads else torch.no_grad():
+            return self._hvd.allgather(tensor.unsqueeze(0))
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return self._hvd.broadcast_object(obj, root_rank=src)
+
+    def barrier(self, name: str | None = None) -> None:
+        self._hvd.barrier()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="Horovod data parallel (distplateau)")
+
+
+def _named_parameters(module: torch.nn.Module, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
+    # Horovod needs a name for every parameter the optimizer holds, and only those.
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [(name, p) for name, p in module.named_parameters() if id(p) in in_optimizer]
+
+
+if HorovodStrategy.strategy_name not in StrategyRegistry:
+    HorovodStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,330 @@
+"""Lightning scenarios on real ranks, many fits per launch.
+
+``python tests/lightning_checks.py ddp OUT_DIR [CKPT_WORLD1]``: Lightning's own launcher starts
+the second rank (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``).
+``horovodrun -np 2 --gloo python tests/lightning_checks.py horovod OUT_DIR``: the ranks come
+from horovodrun (``Trainer(strategy="horovod")``).
+
+Each rank writes ``OUT_DIR/rank{r}.json`` after every scenario: scenario name -> what that
+rank observed (or ``{"error": traceback}``). ``tests/test_lightning_ranks.py`` compares the
+ranks. The validation metric is scripted per sample so that the exact global mean is known:
+sample ``i`` at epoch ``e`` has loss ``BASE + (+d_e if i is even else -d_e)``, so the two
+ranks' local means drift apart while the global mean stays ``BASE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import distplateau.lightning  # noqa: F401  (registers strategy="horovod")
+from distplateau import DistributedReduceLROnPlateau
+
+STRATEGY = sys.argv[1]
+OUT = Path(sys.argv[2])
+CKPT_WORLD1 = sys.argv[3] if len(sys.argv) > 3 else None
+
+BASE = 2.0
+DRIFT = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # exact in float32: no rounding in local means
+EPOCHS = 6
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*(GPU available|TPU available|LOCAL_RANK|sync_dist).*")
+
+
+class Indexed(Dataset):
+    def __init__(self, n: int, values: list[float] | None = None) -> None:
+        self.n, self.values = n, values
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(float(i) if self.values is None else self.values[i])
+
+
+def train_data(n: int = 16) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, generator=gen)
+    return TensorDataset(torch.arange(n), x, x @ torch.tensor([1.0, -2.0, 0.5]) + 0.25)
+
+
+class Model(LightningModule):
+    """A linear regression whose validation loss is scripted (see the module docstring)."""
+
+    def __init__(self, scheduler: str = "ours", log_on: str = "all", strict: bool = True, val: Any = None,
+                 scheduler_kwargs: dict[str, Any] | None = None, bare: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(3, 1)
+        self.scheduler, self.log_on, self.strict, self.val = scheduler, log_on, strict, val
+        self.scheduler_kwargs = scheduler_kwargs or {}
+        self.bare = bare
+        self.lr = 0.1
+        self.lrs: list[float] = []
+        self.train_indices: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        _, x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x).squeeze(-1), y)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        if self.val is not None:  # explicit per-sample losses
+            loss = batch.mean()
+        else:
+            drift = DRIFT[self.current_epoch]
+            loss = (BASE + torch.where(batch.long() % 2 == 0, drift, -drift)).mean()
+        if self.log_on == "all" or (self.log_on == "rank0" and self.global_rank == 0):
+            self.log("val_loss", loss, batch_size=len(batch))
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val is not None:
+            values = self.val[self.global_rank]
+            return DataLoader(Indexed(len(values), values), batch_size=2)
+        return DataLoader(Indexed(8), batch_size=2)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(train_data(), batch_size=4)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        kwargs = {"factor": 0.5, "patience": 1, **self.scheduler_kwargs}
+        if self.scheduler == "plain":
+            sched: Any = ReduceLROnPlateau(opt, **kwargs)
+        else:
+            sched = DistributedReduceLROnPlateau(opt, **kwargs)
+        if self.bare:
+            return [opt], [sched]
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "strict": self.strict}}
+
+
+class LrHistory(Callback):
+    """Records the learning rate after each epoch's plateau step, and the scheduler's state."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.globals: list[float | None] = []
+        self.restored: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.restored = _plain(trainer.lr_scheduler_configs[0].scheduler.state_dict())
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch > 0 and len(self.lrs) < trainer.current_epoch:
+            self._record(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer)
+
+    def _record(self, trainer: Trainer) -> None:
+        sched = trainer.lr_scheduler_configs[0].scheduler
+        self.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+        self.globals.append(getattr(sched, "last_global_metric", None))
+
+
+def _plain(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, type(None), list)) else repr(v)) for k, v in state.items()}
+
+
+def fit(model: Model, epochs: int = EPOCHS, root: str = "run", ckpt_path: str | None = None,
+        callbacks: list[Callback] | None = None, strategy: Any = None,
+        **trainer_kwargs: Any) -> tuple[Trainer, LrHistory]:
+    history = LrHistory()
+    trainer = Trainer(
+        strategy=strategy or ("auto" if STRATEGY == "single" else STRATEGY), accelerator="cpu",
+        devices=2 if STRATEGY == "ddp" else 1,
+        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
+        num_sanity_val_steps=0, default_root_dir=str(OUT / root), callbacks=[history, *(callbacks or [])],
+        **trainer_kwargs,
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return trainer, history
+
+
+def scheduler_state(trainer: Trainer) -> dict[str, Any]:
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    state = _plain(sched.state_dict())
+    state["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+    return state
+
+
+# ------------------------------------------------------------------ scenarios (every rank runs each)
+
+def plain_torch_scheduler_diverges() -> dict[str, Any]:
+    trainer, h = fit(Model(scheduler="plain"))
+    return {"lrs": h.lrs}
+
+
+def class_swap_follows_global_schedule() -> dict[str, Any]:
+    trainer, h = fit(Model())
+    return {"lrs": h.lrs, "globals": h.globals, "state": scheduler_state(trainer),
+            "callbacks": [type(c).__name__ for c in trainer.callbacks],
+            "weights": {k: v.tolist() for k, v in trainer.lightning_module.state_dict().items()}}
+
+
+def sample_counts_weight_uneven_shards() -> dict[str, Any]:
+    # rank 0: three samples (mean 2), rank 1: one sample (mean 10): exact global mean 4, unweighted 6
+    model = Model(val=[[1.0, 2.0, 3.0], [10.0]], scheduler_kwargs={"patience": 100})
+    trainer, h = fit(model, epochs=2, use_distributed_sampler=False)
+    return {"globals": h.globals, "default_weight": trainer.lr_scheduler_configs[0].scheduler.default_weight}
+
+
+def strict_false_metric_on_rank0_only() -> dict[str, Any]:
+    trainer, h = fit(Model(log_on="rank0", strict=False), epochs=4)
+    return {"lrs": h.lrs, "globals": h.globals, "state": scheduler_state(trainer)}
+
+
+def strict_false_metric_missing_everywhere_skips() -> dict[str, Any]:
+    # validation only every second epoch: at epoch 0 no rank has val_loss yet
+    trainer, h = fit(Model(strict=False), epochs=4, check_val_every_n_epoch=2)
+    return {"state": scheduler_state(trainer), "globals": h.globals}
+
+
+def strict_true_metric_on_rank0_only_raises() -> dict[str, Any]:
+    try:
+        fit(Model(log_on="rank0", strict=True), epochs=2)
+    except Exception as err:  # noqa: BLE001
+        return {"raised": type(err).__name__, "message": str(err)}
+    return {"raised": None}
+
+
+def monitor_on_scheduler_is_enough() -> dict[str, Any]:
+    model = Model(bare=True, scheduler_kwargs={"monitor": "val_loss"})
+    trainer, h = fit(model, epochs=3)
+    return {"monitor": trainer.lr_scheduler_configs[0].monitor, "state": scheduler_state(trainer)}
+
+
+def resume_same_world_size() -> dict[str, Any]:
+    ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-same"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    first, _ = fit(Model(), epochs=3, root="resume-a", callbacks=[ckpt])
+    path = str(OUT / "ckpt-same" / "epoch=2.ckpt")
+    saved = _plain(torch.load(path, weights_only=False)["lr_schedulers"][0])
+    trainer, h = fit(Model(), epochs=EPOCHS, root="resume-b", ckpt_path=path)
+    return {"saved": saved, "restored": h.restored, "state": scheduler_state(trainer)}
+
+
+def resume_from_world_size_1() -> dict[str, Any]:
+    assert CKPT_WORLD1, "no checkpoint from a 1-process run was passed"
+    saved = _plain(torch.load(CKPT_WORLD1, weights_only=False)["lr_schedulers"][0])
+    trainer, h = fit(Model(), epochs=EPOCHS, root="resume-c", ckpt_path=CKPT_WORLD1)
+    return {"saved": saved, "restored": h.restored, "state": scheduler_state(trainer)}
+
+
+class RecordingIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, noting which rank wrote what."""
+
+    writes: list[str] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        RecordingIO.writes.append(os.path.basename(str(path)))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def horovod_checkpoints_written_by_rank0_only() -> dict[str, Any]:
+    from distplateau.lightning import HorovodStrategy
+
+    RecordingIO.writes = []
+    ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-hvd"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    fit(Model(), epochs=2, root="hvd-ckpt", callbacks=[ckpt], strategy=HorovodStrategy(checkpoint_io=RecordingIO()))
+    return {"writes": RecordingIO.writes, "files": sorted(os.listdir(OUT / "ckpt-hvd"))}
+
+
+def horovod_matches_full_batch_reference() -> dict[str, Any]:
+    """Averaged gradients on two half batches = one full-batch step: compare with plain torch."""
+
+    class Shards(Model):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            rank = int(os.environ["HOROVOD_RANK"])
+            # Different weights and optimizer settings off rank 0: the strategy must broadcast rank 0's.
+            with torch.no_grad():
+                self.layer.weight.add_(rank)
+            self.lr = 0.1 + rank
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.train_indices.append(batch[0].tolist())
+            return super().training_step(batch, batch_idx)
+
+    model = Shards(scheduler_kwargs={"patience": 100})
+    trainer, _ = fit(model, epochs=2)
+    # every rank's sample indices, step by step: shape (world, steps, batch)
+    shards = trainer.strategy.all_gather(torch.tensor(model.train_indices)).tolist()
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    _, x, y = train_data().tensors
+    for step in range(len(shards[0])):
+        grads = []
+        for rank_indices in shards:
+            opt.zero_grad()
+            idx = torch.tensor(rank_indices[step])
+            torch.nn.functional.mse_loss(ref(x[idx]).squeeze(-1), y[idx]).backward()
+            grads.append([p.grad.clone() for p in ref.parameters()])
+        for p, *gs in zip(ref.parameters(), *grads):
+            p.grad = torch.stack(gs).mean(0)
+        opt.step()
+    got = trainer.lightning_module.layer
+    diff = max(float((a - b).abs().max()) for a, b in zip(got.parameters(), ref.parameters()))
+    strategy = trainer.strategy
+    rank = strategy.global_rank
+    return {
+        "max_diff_to_reference": diff,
+        "shards": shards,
+        "rank": rank, "world": strategy.world_size, "strategy": type(strategy).__name__,
+        "reduce_sum": float(strategy.reduce(torch.tensor(float(rank + 1)), reduce_op="sum")),
+        "reduce_mean": float(strategy.reduce(torch.tensor(float(rank + 1)))),
+        "all_gather": strategy.all_gather(torch.tensor([rank, 10 + rank])).tolist(),
+        "broadcast": strategy.broadcast({"from": rank}, src=1),
+        "barrier": strategy.barrier() is None,
+        "backend": type(trainer.lr_scheduler_configs[0].scheduler._gather).__name__,
+    }
+
+
+def world_size_1_checkpoint() -> dict[str, Any]:
+    ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-world1"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer, h = fit(Model(), epochs=3, root="world1", callbacks=[ckpt])
+    return {"path": str(OUT / "ckpt-world1" / "epoch=2.ckpt"), "lrs": h.lrs, "state": scheduler_state(trainer)}
+
+
+SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
+    "ddp": [plain_torch_scheduler_diverges, class_swap_follows_global_schedule, sample_counts_weight_uneven_shards,
+            strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
+            monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_world_size_1,
+            strict_true_metric_on_rank0_only_raises],
+    "single": [world_size_1_checkpoint],
+    "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference,
+                horovod_checkpoints_written_by_rank0_only, sample_counts_weight_uneven_shards,
+                strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
+                strict_true_metric_on_rank0_only_raises],
+}
+
+
+def main() -> None:
+    results: dict[str, Any] = {}
+    rank = None
+    for scenario in SCENARIOS[STRATEGY]:
+        try:
+            results[scenario.__name__] = scenario()
+        except Exception:  # noqa: BLE001
+            results[scenario.__name__] = {"error": traceback.format_exc()}
+        if rank is None:
+            rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("LOCAL_RANK", "0")))
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"rank{rank}.json").write_text(json.dumps(results, indent=1, default=repr))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Lightning fits on two real ranks: Lightning's own DDP (CPU, gloo, ``devices=2``) and
+``distplateau.lightning.HorovodStrategy`` under ``horovodrun -np 2 --gloo``.
+
+One launch per strategy runs every scenario of ``tests/lightning_checks.py``; each test
+here then compares what the ranks observed in one scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from .launch import _env, _run, horovodrun_available, run_horovod
+
+CHECKS = str(Path(__file__).with_name("lightning_checks.py"))
+LAUNCH_TIMEOUT = 300
+BASE, DRIFT = 2.0, [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # as in lightning_checks.py
+
+
+def _results(out: Path, log: str, world: int = 2) -> tuple[list[dict[str, Any]], str]:
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {}
+             for r in range(world)]
+    return ranks, log
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+    tmp = tmp_path_factory.mktemp("lightning-ddp")
+    # A checkpoint from a 1-process run, for resuming at a different world size.
+    single = _run([sys.executable, CHECKS, "single", str(tmp / "single")], LAUNCH_TIMEOUT, _env())
+    ckpt = json.loads((tmp / "single" / "rank0.json").read_text())["world_size_1_checkpoint"].get("path", "")
+    try:
+        log = _run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, _env()).stdout
+    except subprocess.TimeoutExpired as err:
+        log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
+    return _results(tmp / "ddp", single.stdout + log)
+
+
+@pytest.fixture(scope="module")
+def horovod(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+    if not horovodrun_available():
+        pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
+    tmp = tmp_path_factory.mktemp("lightning-horovod")
+    try:
+        log = run_horovod(2, [CHECKS, "horovod", str(tmp)], LAUNCH_TIMEOUT).stdout
+    except subprocess.TimeoutExpired as err:
+        log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
+    return _results(tmp, log)
+
+
+@pytest.fixture(params=["ddp", "horovod"])
+def launch(request: pytest.FixtureRequest) -> tuple[list[dict[str, Any]], str]:
+    return request.getfixturevalue(request.param)
+
+
+def scenario(launch: tuple[list[dict[str, Any]], str], name: str) -> list[dict[str, Any]]:
+    ranks, log = launch
+    seen = [r.get(name) for r in ranks]
+    if any(s is None for s in seen):
+        pytest.fail(f"scenario {name} did not finish on every rank (hang or crash); output:\n{log[-6000:]}")
+    errors = [f"rank {r}:\n{s['error']}" for r, s in enumerate(seen) if "error" in s]
+    assert not errors, "\n".join(errors)
+    return seen
+
+
+def torch_schedule(metrics: list[float]) -> list[float]:
+    """The learning rates a single-process torch ReduceLROnPlateau takes on ``metrics``."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    lrs = []
+    for m in metrics:
+        sched.step(m)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+# ------------------------------------------------------------------ item 1: the class swap under DDP
+
+
+def test_plain_torch_scheduler_lets_the_ranks_learning_rates_diverge(ddp: Any) -> None:
+    rank0, rank1 = scenario(ddp, "plain_torch_scheduler_diverges")
+    assert rank0["lrs"] == torch_schedule([BASE + d for d in DRIFT])  # rank 0 sees its own, worsening loss
+    assert rank1["lrs"] == torch_schedule([BASE - d for d in DRIFT])  # rank 1 sees an improving one
+    assert rank0["lrs"] != rank1["lrs"]
+
+
+def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "class_swap_follows_global_schedule")
+    assert rank0["globals"] == rank1["globals"] == [BASE] * len(DRIFT)
+    assert rank0["lrs"] == rank1["lrs"] == torch_schedule([BASE] * len(DRIFT))
+    assert rank0["state"] == rank1["state"]
+    assert rank0["weights"] == rank1["weights"]
+    assert "DistributedPlateauCallback" in rank0["callbacks"]  # attached by the entry point
+
+
+# ------------------------------------------------------------------ item 3: weights
+
+
+def test_validation_sample_counts_make_the_exact_global_mean_on_uneven_shards(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "sample_counts_weight_uneven_shards")
+    # rank 0 validates [1, 2, 3] (mean 2), rank 1 [10]: (1 + 2 + 3 + 10) / 4 = 4, not (2 + 10) / 2
+    assert rank0["globals"] == rank1["globals"] == [4.0, 4.0]
+    assert (rank0["default_weight"], rank1["default_weight"]) == (3, 1)
+
+
+# ------------------------------------------------------------------ item 6: strict=False
+
+
+def test_strict_false_metric_on_some_ranks_steps_every_rank_on_the_others(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "strict_false_metric_on_rank0_only")
+    expected = [BASE + d for d in DRIFT[:4]]  # rank 0's local means only: rank 1 contributes weight 0
+    assert rank0["globals"] == rank1["globals"] == expected
+    assert rank0["lrs"] == rank1["lrs"] == torch_schedule(expected)
+    assert rank0["state"] == rank1["state"]
+
+
+def test_strict_false_metric_missing_on_every_rank_skips_the_step_everywhere(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "strict_false_metric_missing_everywhere_skips")
+    assert rank0["globals"][0] is None  # epoch 0: no validation yet, no step
+    assert rank0["state"] == rank1["state"]
+    assert rank0["state"]["last_epoch"] == 3
+
+
+def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hanging(launch: Any) -> None:
+    for seen in scenario(launch, "strict_true_metric_on_rank0_only_raises"):
+        assert seen["raised"] == "MisconfigurationException"
+        assert "missing on rank 1" in seen["message"]
+
+
+# ------------------------------------------------------------------ item 4: monitor on the scheduler
+
+
+def test_monitor_given_to_the_scheduler_is_enough_for_lightning(ddp: Any) -> None:
+    rank0, rank1 = scenario(ddp, "monitor_on_scheduler_is_enough")
+    assert rank0["monitor"] == rank1["monitor"] == "val_loss"
+    assert rank0["state"] == rank1["state"]
+    assert rank0["state"]["last_epoch"] == 3
+
+
+# ------------------------------------------------------------------ item 5: resume
+
+
+@pytest.mark.parametrize("name", ["resume_same_world_size", "resume_from_world_size_1"])
+def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(ddp: Any, name: str) -> None:
+    uninterrupted = scenario(ddp, "class_swap_follows_global_schedule")[0]["state"]
+    rank0, rank1 = scenario(ddp, name)
+    assert rank0["saved"]["last_epoch"] == 2
+    assert rank0["restored"] == rank1["restored"] == rank0["saved"]
+    assert rank0["state"] == rank1["state"] == uninterrupted
+
+
+# ------------------------------------------------------------------ item 2: the Horovod strategy
+
+
+def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(horovod: Any) -> None:
+    rank0, rank1 = scenario(horovod, "horovod_matches_full_batch_reference")
+    # rank 1 starts from other weights and another lr; after the fit both equal a plain-torch
+    # run from rank 0's start that averages the two ranks' batch gradients at every step
+    assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
+    assert (rank0["rank"], rank1["rank"], rank0["world"]) == (0, 1, 2)
+    assert rank0["backend"] == "HorovodGather" and rank0["strategy"] == "HorovodStrategy"
+    shards = rank0["shards"]  # (world, steps, batch): a distributed sampler splits each epoch
+    for epoch in range(2):
+        seen = [i for rank in shards for step in rank[2 * epoch:2 * epoch + 2] for i in step]
+        assert sorted(seen) == list(range(16))
+    for seen in (rank0, rank1):
+        assert (seen["reduce_sum"], seen["reduce_mean"]) == (3.0, 1.5)
+        assert seen["all_gather"] == [[0, 10], [1, 11]]
+        assert seen["broadcast"] == {"from": 1} and seen["barrier"]
+
+
+def test_horovod_checkpoints_are_written_by_rank0_only(horovod: Any) -> None:
+    rank0, rank1 = scenario(horovod, "horovod_checkpoints_written_by_rank0_only")
+    assert rank0["writes"] == ["epoch=0.ckpt", "epoch=1.ckpt"]
+    assert rank1["writes"] == []
+    assert rank0["files"] == ["epoch=0.ckpt", "epoch=1.ckpt"]
