@@ -3,6 +3,7 @@
 #   bash dev.sh demo    2-rank horovodrun demo: plain ReduceLROnPlateau vs ours
 #   bash dev.sh test    lint, type check and the whole test suite
 #   bash dev.sh setup   only build the environment (.venv)
+#   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
 # later runs reuse it.
 set -euo pipefail
@@ -19,9 +20,16 @@ setup() {
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
-  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,test]"
+  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,test,docs]"
   "$PY" -m distplateau.install_horovod
   echo "$want" >"$stamp"
+}
+
+# Warning-free (-W) HTML, then the doctests of the Markdown pages and of the API reference.
+docs() {
+  "$PY" -m sphinx -W --keep-going -q -b html docs docs/_build/html
+  "$PY" -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
+  echo "docs: docs/_build/html/index.html"
 }
 
 cmd=${1:-test}
@@ -35,6 +43,10 @@ case "$cmd" in
     setup
     "$PY" -m ruff check distplateau tests examples
     "$PY" -m mypy
-    exec "$PY" -m pytest "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup}" >&2; exit 2 ;;
+    "$PY" -m pytest "$@"
+    docs ;;
+  docs)
+    setup
+    docs ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs}" >&2; exit 2 ;;
 esac

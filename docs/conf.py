@@ -37,3 +37,6 @@ nitpicky = False
 
 html_theme = "furo" if importlib.util.find_spec("furo") else "alabaster"
 html_title = f"distplateau {release}"
+
+# The NaN examples would print rank 0's warning between the doctest results.
+doctest_global_setup = 'import logging; logging.getLogger("distplateau").setLevel(logging.ERROR)'
