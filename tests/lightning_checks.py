@@ -1,6 +1,6 @@
 """Lightning scenarios on real ranks, many fits per launch.
 
-``python tests/lightning_checks.py ddp OUT_DIR [CKPT_WORLD1]``: Lightning's own launcher starts
+``python tests/lightning_checks.py ddp OUT_DIR [CKPT_OTHER]``: Lightning's own launcher starts
 the second rank (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``).
 ``horovodrun -np 2 --gloo python tests/lightning_checks.py horovod OUT_DIR``: the ranks come
 from horovodrun (``Trainer(strategy="horovod")``).
@@ -35,7 +35,7 @@ from distplateau import DistributedReduceLROnPlateau
 
 STRATEGY = sys.argv[1]
 OUT = Path(sys.argv[2])
-CKPT_WORLD1 = sys.argv[3] if len(sys.argv) > 3 else None
+CKPT_OTHER = sys.argv[3] if len(sys.argv) > 3 else None
 
 BASE = 2.0
 DRIFT = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # exact in float32: no rounding in local means
@@ -216,10 +216,10 @@ def resume_same_world_size() -> dict[str, Any]:
     return {"saved": saved, "restored": h.restored, "state": scheduler_state(trainer)}
 
 
-def resume_from_world_size_1() -> dict[str, Any]:
-    assert CKPT_WORLD1, "no checkpoint from a 1-process run was passed"
-    saved = _plain(torch.load(CKPT_WORLD1, weights_only=False)["lr_schedulers"][0])
-    trainer, h = fit(Model(), epochs=EPOCHS, root="resume-c", ckpt_path=CKPT_WORLD1)
+def resume_from_other_world_size() -> dict[str, Any]:
+    assert CKPT_OTHER, "no checkpoint from a run at another world size was passed"
+    saved = _plain(torch.load(CKPT_OTHER, weights_only=False)["lr_schedulers"][0])
+    trainer, h = fit(Model(), epochs=EPOCHS, root="resume-c", ckpt_path=CKPT_OTHER)
     return {"saved": saved, "restored": h.restored, "state": scheduler_state(trainer)}
 
 
@@ -302,9 +302,9 @@ def world_size_1_checkpoint() -> dict[str, Any]:
 SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
     "ddp": [plain_torch_scheduler_diverges, class_swap_follows_global_schedule, sample_counts_weight_uneven_shards,
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
-            monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_world_size_1,
+            monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises],
-    "single": [world_size_1_checkpoint],
+    "single": [resume_from_other_world_size] if CKPT_OTHER else [world_size_1_checkpoint],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference,
                 horovod_checkpoints_written_by_rank0_only, sample_counts_weight_uneven_shards,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,

@@ -40,7 +40,14 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]],
         log = _run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, _env()).stdout
     except subprocess.TimeoutExpired as err:
         log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
-    return _results(tmp / "ddp", single.stdout + log)
+    ranks, _ = _results(tmp / "ddp", log)
+    # ... and back: the 2-rank run's checkpoint resumed by one process.
+    ckpt2 = str(tmp / "ddp" / "ckpt-same" / "epoch=2.ckpt")
+    back = _run([sys.executable, CHECKS, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, _env())
+    if (tmp / "back" / "rank0.json").exists():
+        ranks[0]["resume_from_world_size_2"] = json.loads((tmp / "back" / "rank0.json").read_text())[
+            "resume_from_other_world_size"]
+    return ranks, single.stdout + log + back.stdout
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +154,22 @@ def test_monitor_given_to_the_scheduler_is_enough_for_lightning(ddp: Any) -> Non
 # ------------------------------------------------------------------ item 5: resume
 
 
-@pytest.mark.parametrize("name", ["resume_same_world_size", "resume_from_world_size_1"])
+@pytest.mark.parametrize("name", ["resume_same_world_size", "resume_from_other_world_size"])
 def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(ddp: Any, name: str) -> None:
     uninterrupted = scenario(ddp, "class_swap_follows_global_schedule")[0]["state"]
-    rank0, rank1 = scenario(ddp, name)
-    assert rank0["saved"]["last_epoch"] == 2
+    rank0, rank1 = scenario(ddp, name)  # from a 2-rank / a 1-process checkpoint, on 2 ranks
+    assert rank0["saved"]["last_epoch"] == 2  # saved before epoch 2's plateau step
     assert rank0["restored"] == rank1["restored"] == rank0["saved"]
     assert rank0["state"] == rank1["state"] == uninterrupted
+
+
+def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted(ddp: Any) -> None:
+    uninterrupted = scenario(ddp, "class_swap_follows_global_schedule")[0]["state"]
+    ranks, log = ddp
+    back = ranks[0].get("resume_from_world_size_2")
+    assert back is not None and "error" not in back, f"1-process resume failed:\n{back or log[-6000:]}"
+    assert back["restored"] == back["saved"]
+    assert back["state"] == uninterrupted
 
 
 # ------------------------------------------------------------------ item 2: the Horovod strategy

@@ -20,9 +20,13 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..decide import decide
+from ..record import make_record
 from ..scheduler import DistributedReduceLROnPlateau
 
 __all__ = ["DistributedPlateauCallback", "attach_monitor"]
+
+_CHECKPOINT_KEY = "distplateau_pending_steps"
 
 
 class DistributedPlateauCallback(Callback):
@@ -47,7 +51,12 @@ class DistributedPlateauCallback(Callback):
       if none has it, Lightning's own ``strict`` handling applies (an error, or a skipped
       step with ``strict=False``); if only some have it, ``strict=True`` raises
       ``MisconfigurationException`` naming the ranks, and ``strict=False`` steps with the
-      others' metrics, the ranks without it contributing weight 0.
+      others' metrics, the ranks without it contributing weight 0;
+    * makes a run resumed from a checkpoint saved at the end of an epoch (by
+      ``ModelCheckpoint``, before that epoch's plateau step) continue exactly as the
+      uninterrupted run: at save time every rank's metric and weight for the pending step
+      are gathered (one all-gather) into the checkpoint, and the resumed run takes that
+      step when training starts, at any world size. Lightning alone skips it.
 
     Args:
         weight_by_samples (bool): use each rank's number of validation samples as its
@@ -65,12 +74,17 @@ class DistributedPlateauCallback(Callback):
         self._samples: int | None = None  # this rank's samples in the last validation run
         self._counting: int | None = None
         self._undo: list[Callable[[], None]] = []
+        self._active = False
+        self._stepped_epoch = -1  # the last epoch whose plateau step Lightning reached
+        self._pending: dict[str, Any] | None = None  # from a checkpoint, for on_train_start
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
         if stage != "fit" or next(c for c in callbacks if isinstance(c, DistributedPlateauCallback)) is not self:
             return
+        self._active = True
         self._samples = None
+        self._stepped_epoch = -1
         configure = pl_module.configure_optimizers
         self._patch(pl_module, "configure_optimizers", lambda: attach_monitor(configure()))
         epoch_loop = trainer.fit_loop.epoch_loop
@@ -86,6 +100,39 @@ class DistributedPlateauCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         while self._undo:
             self._undo.pop()()
+        self._active = False
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Every rank runs this hook at the same point (only rank 0 writes the file).
+        if not self._active or self._stepped_epoch == trainer.current_epoch:
+            return
+        if not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            return  # mid-epoch: the resumed run repeats the rest of the epoch and its step
+        pending = {}
+        for index, config in enumerate(trainer.lr_scheduler_configs):
+            epoch_due = config.interval == "epoch" and (trainer.current_epoch + 1) % config.frequency == 0
+            if not (isinstance(config.scheduler, DistributedReduceLROnPlateau) and epoch_due and config.monitor):
+                continue
+            value = trainer.callback_metrics.get(config.monitor)
+            weight = self._samples if self.weight_by_samples and self._samples is not None else 1
+            row = [math.nan if value is None else float(value), float(weight), float(value is not None)]
+            table = trainer.strategy.all_gather(torch.tensor(row, dtype=torch.float64)).reshape(-1, 3).tolist()
+            pending[str(index)] = {"epoch": trainer.current_epoch, "table": table, "strict": config.strict}
+        if pending:
+            checkpoint[_CHECKPOINT_KEY] = pending
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pending = checkpoint.get(_CHECKPOINT_KEY)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        if not self._active or not pending:
+            return
+        for index, step in pending.items():
+            scheduler = trainer.lr_scheduler_configs[int(index)].scheduler
+            if not isinstance(scheduler, DistributedReduceLROnPlateau):
+                continue
+            _take_pending_step(scheduler, step["table"], trainer.global_rank)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._counting = 0
@@ -124,6 +171,7 @@ class DistributedPlateauCallback(Callback):
         strict = any(c.strict for c in trainer.lr_scheduler_configs if c.scheduler in schedulers)
         if not schedulers:
             return value
+        self._stepped_epoch = trainer.current_epoch
         weight = self._samples if self.weight_by_samples else None
         if trainer.world_size > 1:
             # Lightning is about to step on every rank or skip on every rank, at the same point:
@@ -143,6 +191,24 @@ class DistributedPlateauCallback(Callback):
         for scheduler in schedulers:
             scheduler.default_weight = weight
         return value
+
+
+def _take_pending_step(scheduler: DistributedReduceLROnPlateau, table: list[list[float]], rank: int) -> None:
+    """Take the step an interrupted run was about to take, from its ranks' (value, weight,
+    present) rows. The world size may have changed: every rank reduces the old rows the same
+    way, then rank 0 alone contributes the result."""
+    present = [(value, weight) for value, weight, has in table if has]
+    if not present:
+        return  # the metric was missing on every rank: Lightning skipped this step
+    records = [make_record(value, weight, 0.0) for value, weight in present]
+    decision = decide(records, reduction=scheduler.reduction, nan_policy=scheduler.nan_policy,
+                      last_finite=scheduler.last_finite_metric)
+    if decision.value is None:
+        return
+    if rank == 0:
+        scheduler.step(decision.value, weight=1)
+    else:
+        scheduler.step(math.nan, weight=0)
 
 
 def attach_monitor(optim_conf: Any) -> Any:
