@@ -50,8 +50,19 @@ def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reducti
     ``"mean"`` is ``fsum(w * v) / fsum(w)``, except that equal values (one contributing
     rank, or a metric already synchronised across ranks) are returned exactly as they are.
 
+    Args:
+        values: the contributing ranks' metrics, all finite.
+        weights: their weights, all positive, in the same order.
+        reduction: ``"mean"``, ``"sum"``, ``"min"`` or ``"max"``.
+
     Raises:
         ValueError: if ``values`` is empty or ``reduction`` is unknown.
+
+    Example:
+        >>> reduce([0.25, 0.75], [192, 64], "mean")  # per-rank mean losses, sample counts
+        0.375
+        >>> reduce([0.25, 0.75], [192, 64], "max")
+        0.75
     """
     if len(values) == 1:
         return values[0]
@@ -162,6 +173,14 @@ def decide(
             passed weight 0.
         RuntimeError: the ranks' scheduler states differ.
         FloatingPointError: ``nan_policy="raise"`` and a contributing metric is not finite.
+
+    Example:
+        >>> nan = float("nan")
+        >>> table = [(1.0, 2.0, 0, 0, 7.0), (nan, 1.0, 0, 0, 7.0), (4.0, 1.0, 0, 0, 7.0)]
+        >>> decide(table, reduction="mean", nan_policy="drop", last_finite=None)
+        Decision(value=2.0, nonfinite_ranks=(1,))
+        >>> decide(table, reduction="mean", nan_policy="skip", last_finite=None)
+        Decision(value=None, nonfinite_ranks=(1,))
     """
     if ranks is None:
         ranks = range(len(table))
