@@ -40,3 +40,6 @@ html_title = f"distplateau {release}"
 
 # The NaN examples would print rank 0's warning between the doctest results.
 doctest_global_setup = 'import logging; logging.getLogger("distplateau").setLevel(logging.ERROR)'
+# Docstring examples run under pytest --doctest-modules, in their modules' namespaces; here
+# only the pages' own {doctest} blocks run.
+doctest_test_doctest_blocks = ""
