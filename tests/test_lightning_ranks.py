@@ -197,3 +197,20 @@ def test_horovod_checkpoints_are_written_by_rank0_only(horovod: Any) -> None:
     assert rank0["writes"] == ["epoch=0.ckpt", "epoch=1.ckpt"]
     assert rank1["writes"] == []
     assert rank0["files"] == ["epoch=0.ckpt", "epoch=1.ckpt"]
+
+
+# ------------------------------------------------------------------ item 7: the examples, run as documented
+
+
+@pytest.mark.parametrize("example", ["lightning_ddp.py", "lightning_horovod.py"])
+def test_example_runs_as_documented_and_keeps_every_rank_on_one_learning_rate(example: str) -> None:
+    path = str(Path(__file__).resolve().parent.parent / "examples" / example)
+    if example == "lightning_horovod.py":
+        if not horovodrun_available():
+            pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
+        out = run_horovod(2, [path, "--epochs", "5"], LAUNCH_TIMEOUT).stdout
+    else:
+        out = _run([sys.executable, path, "--epochs", "5"], LAUNCH_TIMEOUT, _env()).stdout
+    lines = [line.split("per rank", 1)[1].split() for line in out.splitlines() if "learning rate per rank" in line]
+    assert len(lines) == 5, out[-4000:]
+    assert all(len(set(lrs)) == 1 and len(lrs) == 2 for lrs in lines), out[-4000:]
