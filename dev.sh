@@ -3,6 +3,7 @@
 #   bash dev.sh demo    2-rank horovodrun demo: plain ReduceLROnPlateau vs ours
 #   bash dev.sh test    lint, type check and the whole test suite
 #   bash dev.sh setup   only build the environment (.venv)
+#   bash dev.sh lightning  the Lightning tests only (DDP and horovodrun fits on 2 ranks)
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
 # later runs reuse it.
@@ -48,5 +49,8 @@ case "$cmd" in
   docs)
     setup
     docs ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs}" >&2; exit 2 ;;
+  lightning)
+    setup
+    exec "$PY" -m pytest tests/test_lightning.py tests/test_lightning_ranks.py "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning}" >&2; exit 2 ;;
 esac
