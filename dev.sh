@@ -28,8 +28,8 @@ setup() {
 
 # Warning-free (-W) HTML, then the doctests of the Markdown pages and of the API reference.
 docs() {
-  "$PY" -m sphinx -W --keep-going -q -b html docs docs/_build/html
-  "$PY" -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
+  "$PY" -m sphinx -W --keep-going -q -d docs/_build/doctrees -b html docs docs/_build/html
+  "$PY" -m sphinx -W --keep-going -q -d docs/_build/doctrees -b doctest docs docs/_build/doctest
   echo "docs: docs/_build/html/index.html"
 }
 
