@@ -54,7 +54,7 @@ class Record(NamedTuple):
 def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
     """Turn a user-supplied number into a float, or name what is wrong with it."""
     if isinstance(x, float):  # the common case first: also catches numpy.float64
-        return x, Problem.OK
+        return float(x), Problem.OK  # a plain float, so state_dict() loads with weights_only=True
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             return float(x.numel()), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR

@@ -1,0 +1,173 @@
+"""One rank of a fault injected with real processes.
+
+``python fault_worker.py BACKEND FAULT OUT [ARGS...]``, FAULT one of:
+
+- ``kill``: the last rank SIGKILLs itself in the middle of step ``KILL_AT``; the others are in
+  (or about to enter) that step's collective. Each rank records when it got which error.
+- ``skip-exit`` / ``skip-sync``: rank 1 does not call ``step`` at epoch ``SKIP_AT``, then
+  carries on; after the loop it ends its training (``exit``) or, like every rank, enters one
+  more collective (``sync``: a 1-float sum, as a training loop's next gradient allreduce
+  would). Each rank records its states and how its last operation ended.
+- ``save``: run the first half of a schedule, then rank 0 saves scheduler and optimizer state.
+- ``resume CKPT``: load that checkpoint (``weights_only=True``) on every rank and run the rest.
+
+Every rank writes ``OUT.rank<R>.json`` as it goes (a rank may be killed or time out), and
+ends with ``os._exit`` after an error, because a backend that lost a peer may hang in shutdown.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+
+from distplateau import DistributedReduceLROnPlateau
+from tests.reliability.cases import (
+    CHECKPOINT_KWARGS,
+    CHECKPOINT_RESUME_STEPS,
+    CHECKPOINT_SAVE_STEPS,
+    CHECKPOINT_SEED,
+    checkpoint_rows,
+    snapshot,
+)
+
+BACKEND, FAULT, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
+TIMEOUT_S = float(os.environ.get("RELIABILITY_TIMEOUT_S", "30"))
+KILL_AT, SKIP_AT, STEPS = 5, 3, 8
+
+if BACKEND == "horovod":
+    import horovod.torch as hvd
+
+    hvd.init()
+    RANK, SIZE = hvd.rank(), hvd.size()
+elif BACKEND == "torch":
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    RANK, SIZE = dist.get_rank(), dist.get_world_size()
+else:
+    RANK, SIZE = 0, 1
+
+RECORD: dict[str, Any] = {"rank": RANK, "size": SIZE, "backend": BACKEND, "fault": FAULT, "states": []}
+
+
+def write() -> None:
+    path = f"{OUT}.rank{RANK}.json"
+    with open(path + ".tmp", "w") as f:
+        json.dump(RECORD, f)
+    os.replace(path + ".tmp", path)
+
+
+def failed(err: BaseException, where: str) -> None:
+    RECORD.update(error=type(err).__name__, message=str(err)[:600], error_at=time.time(), where=where)
+    write()
+    sys.stdout.flush()
+    os._exit(17)
+
+
+def make() -> DistributedReduceLROnPlateau:
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    return DistributedReduceLROnPlateau(opt, **CHECKPOINT_KWARGS, backend=BACKEND)
+
+
+def final_sync() -> None:
+    if BACKEND == "horovod":
+        hvd.allreduce(torch.ones(1), name="final_sync")
+    elif BACKEND == "torch":
+        dist.all_reduce(torch.ones(1))
+
+
+def shutdown() -> None:
+    if BACKEND == "horovod":
+        hvd.shutdown()
+    elif BACKEND == "torch":
+        dist.destroy_process_group()
+
+
+def kill() -> None:
+    s = make()
+    for t in range(STEPS):
+        if t == KILL_AT and RANK == SIZE - 1:
+            RECORD["killed_at"] = time.time()
+            write()
+            os.kill(os.getpid(), signal.SIGKILL)
+        RECORD["entered"] = time.time()
+        try:
+            s.step(1.0 / (t + 1) + RANK)
+        except Exception as err:
+            failed(err, f"step {t}")
+    RECORD.update(error=None, finished_at=time.time())
+    write()
+
+
+def skip(then: str) -> None:
+    s = make()
+    for t in range(STEPS):
+        if t == SKIP_AT and RANK == 1:
+            RECORD["skipped"] = t
+            continue
+        try:
+            s.step(1.0 / (t + 1) + RANK, weight=RANK + 1)
+        except Exception as err:
+            failed(err, f"step {t}")
+        RECORD["states"].append([t, snapshot(s), s.last_global_metric])
+        write()
+    RECORD["entered"] = time.time()
+    write()
+    if then == "sync":
+        try:
+            final_sync()
+        except Exception as err:
+            failed(err, "final collective")
+    RECORD.update(error=None, finished_at=time.time())
+    write()
+
+
+def run_rows(s: DistributedReduceLROnPlateau, rows: list[list[list[Any]]]) -> None:
+    for t, row in enumerate(rows):
+        value, weight, _ = row[RANK]
+        s.step(value, weight=weight)
+        RECORD["states"].append([t, snapshot(s), s.last_global_metric])
+
+
+def save() -> None:
+    s = make()
+    run_rows(s, checkpoint_rows(SIZE, CHECKPOINT_SAVE_STEPS, CHECKPOINT_SEED))
+    if RANK == 0:
+        torch.save({"scheduler": s.state_dict(), "optimizer": s.optimizer.state_dict()}, OUT + ".ckpt")
+    write()
+
+
+def resume(path: str) -> None:
+    s = make()
+    checkpoint = torch.load(path, weights_only=True)
+    s.optimizer.load_state_dict(checkpoint["optimizer"])
+    s.load_state_dict(checkpoint["scheduler"])
+    RECORD["loaded"] = snapshot(s)
+    run_rows(s, checkpoint_rows(SIZE, CHECKPOINT_RESUME_STEPS, CHECKPOINT_SEED + 1))
+    write()
+
+
+def main() -> None:
+    if FAULT == "kill":
+        kill()
+    elif FAULT in ("skip-exit", "skip-sync"):
+        skip(FAULT.split("-")[1])
+    elif FAULT == "save":
+        save()
+    elif FAULT == "resume":
+        resume(sys.argv[4])
+    else:
+        raise SystemExit(f"unknown fault {FAULT!r}")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

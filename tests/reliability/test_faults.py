@@ -1,0 +1,46 @@
+"""Faults injected with real processes: SIGKILL, a skipped step, checkpoints across world sizes.
+
+Every launch has a hard timeout, and the tests bound how long the surviving ranks wait for
+their error: torch.distributed runs with ``init_process_group(timeout=TORCH_TIMEOUT_S)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability import campaign
+from tests.reliability.conftest import RESULTS, require
+
+#: A survivor must have its error this soon after the fault (the measured figures are far lower).
+KILL_BOUND_S = 15.0
+SKIP_BOUND_S = campaign.TORCH_TIMEOUT_S + 15.0
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("backend,world", [("torch", 3), ("horovod", 2)])
+def test_survivors_of_a_sigkilled_rank_get_an_error_within_bound(backend, world, tmp_path) -> None:
+    require(backend)
+    result = campaign.kill(backend, world, tmp_path, timeout=150)
+    RESULTS.append(result)
+    print(result.name, result.notes)
+    assert not result.problems, "\n".join(result.problems)
+    assert result.longest_error_s < KILL_BOUND_S, result.notes
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("backend,world,then", [("torch", 3, "sync"), ("torch", 2, "exit"), ("horovod", 3, "exit")])
+def test_a_skipped_step_ends_in_an_error_not_a_silent_hang(backend, world, then, tmp_path) -> None:
+    require(backend)
+    result = campaign.skip(backend, world, tmp_path, then, timeout=150)
+    RESULTS.append(result)
+    print(result.name, result.notes)
+    assert not result.problems, "\n".join(result.problems)
+    assert result.longest_error_s < SKIP_BOUND_S, result.notes
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_saved_at_2_ranks_resumes_at_3_and_1_like_an_uninterrupted_run(tmp_path) -> None:
+    result = campaign.checkpoint(("torch", 2), [("torch", 3), ("none", 1)], tmp_path, timeout=150)
+    RESULTS.append(result)
+    assert not result.problems, "\n".join(result.problems)
+    assert result.faults == 2 and result.steps == 10 * (3 + 1)
