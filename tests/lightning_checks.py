@@ -242,8 +242,9 @@ def horovod_checkpoints_written_by_rank0_only() -> dict[str, Any]:
     return {"writes": RecordingIO.writes, "files": sorted(os.listdir(OUT / "ckpt-hvd"))}
 
 
-def horovod_matches_full_batch_reference() -> dict[str, Any]:
-    """Averaged gradients on two half batches = one full-batch step: compare with plain torch."""
+def horovod_matches_full_batch_reference(accumulate: int = 1) -> dict[str, Any]:
+    """Every optimizer step applies the mean over ranks (and accumulated batches) of the batch
+    gradients: compare with plain torch doing exactly that from rank 0's start."""
 
     class Shards(Model):
         def __init__(self, **kwargs: Any) -> None:
@@ -259,19 +260,20 @@ def horovod_matches_full_batch_reference() -> dict[str, Any]:
             return super().training_step(batch, batch_idx)
 
     model = Shards(scheduler_kwargs={"patience": 100})
-    trainer, _ = fit(model, epochs=2)
+    trainer, _ = fit(model, epochs=2, accumulate_grad_batches=accumulate)
     # every rank's sample indices, step by step: shape (world, steps, batch)
     shards = trainer.strategy.all_gather(torch.tensor(model.train_indices)).tolist()
     torch.manual_seed(0)
     ref = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     _, x, y = train_data().tensors
-    for step in range(len(shards[0])):
+    for step in range(0, len(shards[0]), accumulate):
         grads = []
         for rank_indices in shards:
             opt.zero_grad()
-            idx = torch.tensor(rank_indices[step])
-            torch.nn.functional.mse_loss(ref(x[idx]).squeeze(-1), y[idx]).backward()
+            for batch in rank_indices[step:step + accumulate]:
+                idx = torch.tensor(batch)
+                (torch.nn.functional.mse_loss(ref(x[idx]).squeeze(-1), y[idx]) / accumulate).backward()
             grads.append([p.grad.clone() for p in ref.parameters()])
         for p, *gs in zip(ref.parameters(), *grads):
             p.grad = torch.stack(gs).mean(0)
@@ -293,6 +295,10 @@ def horovod_matches_full_batch_reference() -> dict[str, Any]:
     }
 
 
+def horovod_accumulates_gradients() -> dict[str, Any]:
+    return horovod_matches_full_batch_reference(accumulate=2)
+
+
 def world_size_1_checkpoint() -> dict[str, Any]:
     ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-world1"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     trainer, h = fit(Model(), epochs=3, root="world1", callbacks=[ckpt])
@@ -305,7 +311,7 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises],
     "single": [resume_from_other_world_size] if CKPT_OTHER else [world_size_1_checkpoint],
-    "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference,
+    "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, sample_counts_weight_uneven_shards,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises],

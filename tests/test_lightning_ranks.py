@@ -19,6 +19,8 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .launch import _env, _run, horovodrun_available, run_horovod
 
+pytestmark = pytest.mark.timeout(1200)  # a module fixture runs up to three launches of LAUNCH_TIMEOUT each
+
 CHECKS = str(Path(__file__).with_name("lightning_checks.py"))
 LAUNCH_TIMEOUT = 300
 BASE, DRIFT = 2.0, [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # as in lightning_checks.py
@@ -190,6 +192,11 @@ def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(horovod: Any) 
         assert (seen["reduce_sum"], seen["reduce_mean"]) == (3.0, 1.5)
         assert seen["all_gather"] == [[0, 10], [1, 11]]
         assert seen["broadcast"] == {"from": 1} and seen["barrier"]
+
+
+def test_horovod_strategy_averages_accumulated_gradients(horovod: Any) -> None:
+    rank0, rank1 = scenario(horovod, "horovod_accumulates_gradients")  # accumulate_grad_batches=2
+    assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
 
 
 def test_horovod_checkpoints_are_written_by_rank0_only(horovod: Any) -> None:
