@@ -5,6 +5,7 @@
 #   bash dev.sh setup   only build the environment (.venv)
 #   bash dev.sh lightning  the Lightning tests only (DDP and horovodrun fits on 2 ranks)
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
+#   bash dev.sh reliability  the full reliability campaign on real ranks (~15 min), summary table
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
 # later runs reuse it.
 set -euo pipefail
@@ -52,5 +53,8 @@ case "$cmd" in
   lightning)
     setup
     exec "$PY" -m pytest tests/test_lightning.py tests/test_lightning_ranks.py "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning}" >&2; exit 2 ;;
+  reliability)
+    setup
+    exec "$PY" -m tests.reliability.run "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|reliability}" >&2; exit 2 ;;
 esac

@@ -147,13 +147,14 @@ def kill(backend: str, world: int, tmp: Path, timeout: float = 120) -> Result:
 
 
 # --- fault (b): one rank skips a step ---------------------------------------------------------
-def skip(backend: str, world: int, tmp: Path, then: str, timeout: float = 120) -> Result:
+def skip(backend: str, world: int, tmp: Path, then: str, timeout: float = 120,
+         env: dict[str, str] | None = None) -> Result:
     """Rank 1 skips one ``step``; ``then`` is what it does after the loop: ``"exit"`` (its
     training ends) or ``"sync"`` (it enters the next training collective). Measures how
     the other ranks' one extra ``step`` ends."""
     result = Result(f"skipped step ({then}) {backend} x{world}", faults=1)
     out = tmp / f"skip-{then}-{backend}-{world}"
-    code, log, result.wall_s = launch(backend, world, [str(FAULTS), backend, f"skip-{then}", str(out)], timeout)
+    code, log, result.wall_s = launch(backend, world, [str(FAULTS), backend, f"skip-{then}", str(out)], timeout, env)
     ranks = rank_files(out, world)
     if any(r is None for r in ranks):
         result.problems.append(f"a rank wrote nothing:\n{log[-3000:]}")
