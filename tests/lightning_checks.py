@@ -299,6 +299,13 @@ def horovod_accumulates_gradients() -> dict[str, Any]:
     return horovod_matches_full_batch_reference(accumulate=2)
 
 
+def horovod_fits_the_same_model_twice() -> dict[str, Any]:
+    model = Model()
+    fit(model, epochs=1, root="twice-a")
+    trainer, _ = fit(model, epochs=2, root="twice-b")  # a second strategy wraps the same parameters
+    return {"weights": model.layer.weight.detach().tolist()}
+
+
 def world_size_1_checkpoint() -> dict[str, Any]:
     ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-world1"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     trainer, h = fit(Model(), epochs=3, root="world1", callbacks=[ckpt])
@@ -312,7 +319,8 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
             strict_true_metric_on_rank0_only_raises],
     "single": [resume_from_other_world_size] if CKPT_OTHER else [world_size_1_checkpoint],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
-                horovod_checkpoints_written_by_rank0_only, sample_counts_weight_uneven_shards,
+                horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
+                sample_counts_weight_uneven_shards,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises],
 }

@@ -199,6 +199,11 @@ def test_horovod_strategy_averages_accumulated_gradients(horovod: Any) -> None:
     assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
 
 
+def test_horovod_strategy_lets_the_same_model_be_fitted_again(horovod: Any) -> None:
+    rank0, rank1 = scenario(horovod, "horovod_fits_the_same_model_twice")
+    assert rank0["weights"] == rank1["weights"]
+
+
 def test_horovod_checkpoints_are_written_by_rank0_only(horovod: Any) -> None:
     rank0, rank1 = scenario(horovod, "horovod_checkpoints_written_by_rank0_only")
     assert rank0["writes"] == ["epoch=0.ckpt", "epoch=1.ckpt"]

@@ -204,6 +204,14 @@ class HorovodStrategy(ParallelStrategy):
     def barrier(self, name: str | None = None) -> None:
         self._hvd.barrier()
 
+    def teardown(self) -> None:
+        for optimizer in self.optimizers:
+            # Horovod's allreduce hooks hang on the parameters' gradient accumulators, which only
+            # the DistributedOptimizer keeps alive: let them go, or a later fit of the same model
+            # would run two sets of hooks (Horovod rejects the duplicate tensor names).
+            getattr(optimizer, "_grad_accs", []).clear()
+        super().teardown()
+
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Horovod data parallel (distplateau)")
