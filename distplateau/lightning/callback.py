@@ -116,7 +116,8 @@ class DistributedPlateauCallback(Callback):
             value = trainer.callback_metrics.get(config.monitor)
             weight = self._samples if self.weight_by_samples and self._samples is not None else 1
             row = [math.nan if value is None else float(value), float(weight), float(value is not None)]
-            table = trainer.strategy.all_gather(torch.tensor(row, dtype=torch.float64)).reshape(-1, 3).tolist()
+            local = torch.tensor(row, dtype=torch.float64, device=trainer.strategy.root_device)
+            table = trainer.strategy.all_gather(local).reshape(-1, 3).tolist()
             pending[str(index)] = {"epoch": trainer.current_epoch, "table": table, "strict": config.strict}
         if pending:
             checkpoint[_CHECKPOINT_KEY] = pending
@@ -176,7 +177,8 @@ class DistributedPlateauCallback(Callback):
         if trainer.world_size > 1:
             # Lightning is about to step on every rank or skip on every rank, at the same point:
             # every rank takes part in this all-gather, so the ranks learn who has the metric.
-            flags = trainer.strategy.all_gather(torch.tensor([float(value is not None)]))
+            has = torch.tensor([float(value is not None)], device=trainer.strategy.root_device)  # NCCL: on the GPU
+            flags = trainer.strategy.all_gather(has).cpu()
             missing = [rank for rank, flag in enumerate(flags.flatten().tolist()) if not flag]
             if missing and len(missing) < len(flags.flatten()):
                 if strict:
