@@ -7,7 +7,9 @@ when their adapter is built, so ``import distplateau`` imports neither.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol, get_args
 
@@ -20,6 +22,8 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # The name Horovod shows in its stall warnings when some ranks never reach step().
 HOROVOD_OP_NAME = "distplateau.step"
+# Seconds a Horovod step() may wait for the other ranks; unset: no limit (Horovod's own behaviour).
+TIMEOUT_ENV = "DISTPLATEAU_HOROVOD_TIMEOUT_S"
 
 
 class Gather(Protocol):
@@ -77,12 +81,20 @@ class TorchGather:
 
 
 class HorovodGather:
-    """``horovod.torch.allgather`` of one float64 record per rank of a process set."""
+    """``horovod.torch.allgather`` of one float64 record per rank of a process set.
+
+    Horovod has no timeout for a collective that some rank never joins. If the environment
+    variable ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` is set, the same single allgather is started
+    asynchronously and waited for at most that many seconds, then ``TimeoutError`` is raised
+    instead of hanging forever.
+    """
 
     def __init__(self, process_set: Any = None) -> None:
         import horovod.torch as hvd
 
         self._hvd = hvd
+        timeout = os.environ.get(TIMEOUT_ENV, "")
+        self._timeout = float(timeout) if timeout else None
         self._process_set = hvd.global_process_set if process_set is None else process_set
         if not self._process_set.included():
             raise ValueError(
@@ -96,8 +108,22 @@ class HorovodGather:
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         local = torch.tensor([record], dtype=torch.float64)
-        table = self._hvd.allgather(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
-        return table.tolist()
+        if self._timeout is None:
+            table = self._hvd.allgather(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
+            return table.tolist()
+        handle = self._hvd.allgather_async(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
+        deadline = time.monotonic() + self._timeout
+        while not self._hvd.poll(handle):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"step() waited {self._timeout:g}s ({TIMEOUT_ENV}) on Horovod rank "
+                    f"{self._hvd.rank()} for the other ranks of its process set: some rank did not "
+                    "call step() (it skipped one, stopped early, or is in another collective). Call "
+                    f"step() on every rank the same number of times, or raise {TIMEOUT_ENV} if "
+                    "validation on some rank is just slow."
+                )
+            time.sleep(0.001)
+        return self._hvd.synchronize(handle).tolist()
 
 
 def _horovod_initialized() -> bool:

@@ -35,6 +35,8 @@ EQUIVALENCE = HERE / "equivalence_worker.py"
 FAULTS = HERE / "fault_worker.py"
 #: torch.distributed ``init_process_group(timeout=...)`` used by the fault launches.
 TORCH_TIMEOUT_S = 10.0
+#: The library's own bound on a Horovod step() (``distplateau.gather.TIMEOUT_ENV``) where a test sets it.
+HOROVOD_TIMEOUT = {"DISTPLATEAU_HOROVOD_TIMEOUT_S": "5"}
 
 
 def launch(backend: str, world: int, args: list[str], timeout: float, env: dict[str, str] | None = None
@@ -75,15 +77,17 @@ class Result:
 
 
 # --- equivalence + faults (c) and (e) -------------------------------------------------------
-def equivalence(backend: str, world: int, count: int, seed: int, tmp: Path, timeout: float = 300) -> Result:
+def equivalence(backend: str, world: int, count: int, seed: int, tmp: Path, timeout: float = 300,
+                env: dict[str, str] | None = None) -> Result:
     """Draw ``count`` cases, replay them on ``world`` real ranks, then inject the bad-input and
     altered-state faults; compare every rank with the reference and with every other rank."""
-    result = Result(f"equivalence {backend} x{world}")
+    result = Result(f"equivalence {backend} x{world}" + "".join(f", {k}={v}" for k, v in (env or {}).items()))
     cases = draw_cases(world, count, seed)
     case_file = tmp / f"cases-{backend}-{world}.json"
     case_file.write_text(json.dumps(cases))
-    out = tmp / f"eq-{backend}-{world}"
-    code, log, result.wall_s = launch(backend, world, [str(EQUIVALENCE), backend, str(case_file), str(out)], timeout)
+    out = tmp / f"eq-{backend}-{world}{'-env' if env else ''}"
+    code, log, result.wall_s = launch(backend, world, [str(EQUIVALENCE), backend, str(case_file), str(out)], timeout,
+                                      env)
     ranks = rank_files(out, world)
     if code != 0 or any(r is None for r in ranks):
         result.problems.append(f"launch ended with {code}, rank files {[r is not None for r in ranks]}:\n"
@@ -152,8 +156,9 @@ def skip(backend: str, world: int, tmp: Path, then: str, timeout: float = 120,
     """Rank 1 skips one ``step``; ``then`` is what it does after the loop: ``"exit"`` (its
     training ends) or ``"sync"`` (it enters the next training collective). Measures how
     the other ranks' one extra ``step`` ends."""
-    result = Result(f"skipped step ({then}) {backend} x{world}", faults=1)
-    out = tmp / f"skip-{then}-{backend}-{world}"
+    result = Result(f"skipped step ({then}) {backend} x{world}" + "".join(f", {k}={v}" for k, v in (env or {}).items()
+                                                                        if k.startswith("DISTPLATEAU")), faults=1)
+    out = tmp / f"skip-{then}-{backend}-{world}{'-env' if env else ''}"
     code, log, result.wall_s = launch(backend, world, [str(FAULTS), backend, f"skip-{then}", str(out)], timeout, env)
     ranks = rank_files(out, world)
     if any(r is None for r in ranks):

@@ -9,9 +9,10 @@ torch gloo and Horovod) with faults (c) bad input and (e) altered state on every
 launch and a total: cases run, faults injected, mismatches (must be 0), longest time to
 error after a fault. Exits 1 if anything went wrong. ``--json PATH`` keeps the rows.
 
-One row is a measurement, not a check: under Horovod, a skipped step followed by another
-collective hangs (no per-operation timeout; the stall check did not fire in our runs), so
-that launch is killed after ``--hang-limit`` seconds and reported as such.
+One row is a measurement, not a check: under Horovod without ``DISTPLATEAU_HOROVOD_TIMEOUT_S``,
+a skipped step followed by another collective hangs (Horovod has no per-operation timeout; its
+stall check did not fire in our runs), so that launch is killed after ``--hang-limit`` seconds
+and reported as such.
 """
 
 from __future__ import annotations
@@ -51,17 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         def run(result: campaign.Result) -> None:
             rows.append(result)
             status = "ok" if not (result.problems or result.fault_problems) else "FAILED"
-            print(f"{result.name:<58} {result.cases:>6} {result.faults:>6} {result.mismatches:>4} "
+            print(f"{result.name[:66]:<66} {result.cases:>6} {result.faults:>6} {result.mismatches:>4} "
                   f"{result.longest_error_s:>9.3f} {result.wall_s:>7.1f}s  {status}", flush=True)
             for line in (result.problems + result.fault_problems)[:5]:
                 print("    " + line[:400].replace("\n", "\n    "), flush=True)
 
         print(f"seed {args.seed}; torch.distributed timeout {campaign.TORCH_TIMEOUT_S:.0f}s")
-        print(f"{'launch':<58} {'cases':>6} {'faults':>6} {'mism':>4} {'to error':>9} {'wall':>8}")
+        print(f"{'launch':<66} {'cases':>6} {'faults':>6} {'mism':>4} {'to error':>9} {'wall':>8}")
         for backend, world, count in EQUIVALENCE:
             if backend in backends or backend == "none":
                 run(campaign.equivalence(backend, world, max(1, round(count * args.scale)), args.seed,
                                          tmp, timeout=900))
+        if "horovod" in backends:  # the bounded wait: the same single allgather, polled
+            run(campaign.equivalence("horovod", 3, max(1, round(200 * args.scale)), args.seed + 1, tmp,
+                                     timeout=900, env=campaign.HOROVOD_TIMEOUT))
         for backend in backends:
             for world in (2, 3, 4):
                 run(campaign.kill(backend, world, tmp))
@@ -69,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             run(campaign.skip("torch", world, tmp, "sync"))
         for backend in backends:
             run(campaign.skip(backend, 3, tmp, "exit"))
+        if "horovod" in backends:
+            for world in (2, 3, 4):
+                run(campaign.skip("horovod", world, tmp, "sync", env=campaign.HOROVOD_TIMEOUT))
         run(campaign.checkpoint(("torch", 2), [("torch", 3), ("none", 1)]
                                 + ([("horovod", 3)] if "horovod" in backends else []), tmp))
         if "horovod" in backends:
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "20"})
                 measured.append(hang)
                 outcome = "hung (documented)" if math.isinf(hang.longest_error_s) else "ended"
-                print(f"{hang.name + ' [measured]':<58} {'':>6} {1:>6} {'':>4} {outcome:>9} {hang.wall_s:>7.1f}s")
+                print(f"{hang.name + ' [measured]':<66} {'':>6} {1:>6} {'':>4} {outcome:>9} {hang.wall_s:>7.1f}s")
     cases = sum(r.cases for r in rows)
     faults = sum(r.faults for r in rows)
     mismatches = sum(r.mismatches for r in rows)
