@@ -6,6 +6,7 @@
 #   bash dev.sh lightning  the Lightning tests only (DDP and horovodrun fits on 2 ranks)
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
 #   bash dev.sh reliability  the full reliability campaign on real ranks (~8 min), summary table
+#   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~6 min), Markdown tables
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
 # later runs reuse it.
 set -euo pipefail
@@ -56,5 +57,8 @@ case "$cmd" in
   reliability)
     setup
     exec "$PY" -m tests.reliability.run "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|reliability}" >&2; exit 2 ;;
+  bench)
+    setup
+    exec "$PY" bench/run_all.py "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|reliability|bench}" >&2; exit 2 ;;
 esac

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables of ratios, not tests. ``bash dev.sh bench`` runs them all."""

@@ -1,0 +1,191 @@
+"""Multi-rank benchmark worker: runs on every rank, rank 0 writes the results as JSON.
+
+Launched by ``bench/run_all.py`` as
+``horovodrun -np N --gloo python bench/ranks.py horovod OUT.json`` or as N processes with
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` and backend ``torch`` (gloo).
+Every variant below is real: real collectives, real schedulers, timed side by side in
+alternating blocks (``bench/abtest.py``).
+
+Tables it fills:
+
+* ``step``: our ``step`` against one bare allreduce of one float64 (the least any
+  synchronised step can cost).
+* ``alternatives``: what a user could write instead, against our ``step``: the seed's recipe
+  (allreduce Sum / size, then plain ``step``; one collective but no weights, no NaN policy,
+  no validation, no state check), a "robust" version with one collective each for value,
+  weight and NaN flag, and one built on ``all_gather_object``.
+* ``design``: the bare collective our design needs (allgather of a 5-float64 record per rank)
+  against allreduces carrying the same information (a zero-padded world x 5 matrix) or less
+  (a 5-float vector).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.abtest import Ratio, compare  # noqa: E402
+from distplateau import DistributedReduceLROnPlateau  # noqa: E402
+from distplateau.decide import reduce  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+class Wire:
+    """The collectives the variants use, on one backend, all on float64 CPU tensors."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        if backend == "horovod":
+            import horovod.torch as hvd
+
+            hvd.init()
+            self.hvd = hvd
+            self.rank, self.size = hvd.rank(), hvd.size()
+        else:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+            self.dist = dist
+            # all_gather_single from torch 2.13 on (all_gather_into_tensor is deprecated there).
+            self.all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+
+    def allreduce_sum(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        # Horovod: a fixed name per call site, as a careful user writes it (unnamed ops get a
+        # fresh name each call and miss Horovod's response cache).
+        if self.backend == "horovod":
+            return self.hvd.allreduce(t, op=self.hvd.Sum, name=name)
+        self.dist.all_reduce(t)
+        return t
+
+    def allgather_rows(self, row: torch.Tensor, name: str) -> torch.Tensor:
+        if self.backend == "horovod":
+            return self.hvd.allgather(row.view(1, -1), name=name)
+        out = torch.empty(self.size * row.numel(), dtype=row.dtype)
+        self.all_gather(out, row)
+        return out
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        if self.backend == "horovod":
+            return list(self.hvd.allgather_object(obj, name="bench.object"))
+        out: list[Any] = [None] * self.size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def shutdown(self) -> None:
+        if self.backend == "horovod":
+            self.hvd.shutdown()
+        else:
+            self.dist.destroy_process_group()
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+def measure(wire: Wire, blocks: int, iters: int) -> dict[str, list[Ratio]]:
+    rank, size = wire.rank, wire.size
+    metric = 0.5 + 0.125 * rank  # different on every rank, as validation losses are
+    weight = 100.0 + rank
+    patience = 10**9  # every step takes the same path; none changes the lr
+
+    ours = DistributedReduceLROnPlateau(_optimizer(), patience=patience)
+
+    def our_step() -> None:
+        ours.step(metric, weight)
+
+    one = torch.zeros(1, dtype=torch.float64)
+
+    def bare_allreduce() -> None:
+        one.fill_(metric)
+        wire.allreduce_sum(one, "bench.bare")
+
+    seed = ReduceLROnPlateau(_optimizer(), patience=patience)
+
+    def seed_recipe() -> None:
+        total = wire.allreduce_sum(torch.tensor([metric], dtype=torch.float64), "bench.seed")
+        seed.step(total.item() / size)
+
+    robust = ReduceLROnPlateau(_optimizer(), patience=patience)
+
+    def robust_three_collectives() -> None:
+        finite = math.isfinite(metric)
+        w = weight if finite else 0.0
+        weighted = wire.allreduce_sum(torch.tensor([metric * w if finite else 0.0], dtype=torch.float64),
+                                      "bench.value")
+        weights = wire.allreduce_sum(torch.tensor([w], dtype=torch.float64), "bench.weight")
+        nans = wire.allreduce_sum(torch.tensor([0.0 if finite else 1.0], dtype=torch.float64), "bench.nan")
+        if nans.item() == size:
+            robust.step(math.nan)
+        else:
+            robust.step(weighted.item() / weights.item())
+
+    objects = ReduceLROnPlateau(_optimizer(), patience=patience)
+
+    def all_gather_object() -> None:
+        pairs = wire.allgather_object((metric, weight))
+        kept = [(v, w) for v, w in pairs if w > 0 and math.isfinite(v)]
+        objects.step(reduce([v for v, _ in kept], [w for _, w in kept], "mean") if kept else math.nan)
+
+    record = torch.tensor([metric, weight, 0.0, 0.0, 12345.0], dtype=torch.float64)
+    padded = torch.zeros(size, 5, dtype=torch.float64)
+    vector = torch.zeros(5, dtype=torch.float64)
+
+    def allgather_record() -> None:
+        wire.allgather_rows(record, "bench.record").tolist()
+
+    def allreduce_padded_matrix() -> None:
+        padded.zero_()
+        padded[rank] = record
+        wire.allreduce_sum(padded, "bench.padded").tolist()
+
+    def allreduce_vector() -> None:
+        vector.copy_(record)
+        wire.allreduce_sum(vector, "bench.vector").tolist()
+
+    result = {
+        "step": compare({"one bare allreduce (1 float64)": bare_allreduce,
+                         "DistributedReduceLROnPlateau.step": our_step},
+                        "one bare allreduce (1 float64)", blocks=blocks, iters=iters),
+        "alternatives": compare({"DistributedReduceLROnPlateau.step": our_step,
+                                 "seed recipe: allreduce Sum / size + step": seed_recipe,
+                                 "robust: 3 allreduces (value, weight, NaN) + step": robust_three_collectives,
+                                 "all_gather_object + step": all_gather_object},
+                                "DistributedReduceLROnPlateau.step", blocks=blocks, iters=iters),
+    }
+    if size == 2:
+        result["design"] = compare({"allgather of a 5-float64 record (ours)": allgather_record,
+                                    "allreduce of a zero-padded world x 5 matrix": allreduce_padded_matrix,
+                                    "allreduce of a 5-float64 vector": allreduce_vector},
+                                   "allgather of a 5-float64 record (ours)", blocks=blocks, iters=iters)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="multi-rank benchmark worker")
+    parser.add_argument("backend", choices=["horovod", "torch"])
+    parser.add_argument("out")
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=100)
+    args = parser.parse_args()
+    wire = Wire(args.backend)
+    result = measure(wire, args.blocks, args.iters)
+    if wire.rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({name: [r._asdict() for r in ratios] for name, ratios in result.items()}, f, indent=1)
+    wire.shutdown()
+
+
+if __name__ == "__main__":
+    main()
