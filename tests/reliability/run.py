@@ -1,6 +1,6 @@
 """The full reliability campaign on real ranks, ending with a summary table.
 
-    python -m tests.reliability.run            # about 8 minutes on 2 cores (bash dev.sh reliability)
+    python -m tests.reliability.run            # about 11 minutes on 2 cores (bash dev.sh reliability)
     python -m tests.reliability.run --scale 0.2 --seed 7
 
 Runs the property-based equivalence campaign (hypothesis-drawn schedules, world sizes 1-4,
