@@ -70,9 +70,13 @@ def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reducti
         raise ValueError("nothing to reduce")
     if reduction == "mean":
         first = values[0]
-        if all(v == first for v in values):
+        if isinstance(values, list):
+            same = values.count(first) == len(values)  # compares with ==, faster than all()
+        else:
+            same = all(v == first for v in values)
+        if same:
             return first
-        return math.fsum(w * v for w, v in zip(weights, values)) / math.fsum(weights)
+        return math.fsum([w * v for w, v in zip(weights, values)]) / math.fsum(weights)
     if reduction == "sum":
         return math.fsum(values)
     if reduction == "min":
@@ -182,16 +186,22 @@ def decide(
         >>> decide(table, reduction="mean", nan_policy="skip", last_finite=None)
         Decision(value=None, nonfinite_ranks=(1,))
     """
+    if len(table) == 1:  # a single process: nothing to compare, often nothing to reduce
+        value, weight, metric_problem, weight_problem, _ = table[0]
+        if not (metric_problem or weight_problem) and weight > 0 and math.isfinite(value):
+            return Decision(value)
     if ranks is None:
         ranks = range(len(table))
-    check_inputs(table, ranks)
-    check_same_state(table, ranks)
-
+    # One pass over the table in the common case; the checks below run (and raise) only
+    # when some row has a problem code or a fingerprint unlike the first row's.
+    fingerprint = table[0][4]
     values: list[float] = []
     weights: list[float] = []
     nonfinite: list[int] = []
-    for rank, row in zip(ranks, table):
-        value, weight = row[0], row[1]
+    for rank, (value, weight, metric_problem, weight_problem, row_fingerprint) in zip(ranks, table):
+        if metric_problem or weight_problem or row_fingerprint != fingerprint:
+            check_inputs(table, ranks)
+            check_same_state(table, ranks)
         if weight > 0:  # a rank with weight 0 contributes nothing, not even its NaN
             if math.isfinite(value):
                 values.append(value)

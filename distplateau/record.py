@@ -51,6 +51,10 @@ class Record(NamedTuple):
     fingerprint: float
 
 
+# Every complex dtype, and bool: one set lookup instead of is_complex() and a comparison.
+_NOT_REAL_DTYPES = frozenset({torch.bool, torch.complex32, torch.complex64, torch.complex128})
+
+
 def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
     """Turn a user-supplied number into a float, or name what is wrong with it."""
     if isinstance(x, float):  # the common case first: also catches numpy.float64
@@ -58,7 +62,7 @@ def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             return float(x.numel()), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR
-        if x.is_complex() or x.dtype == torch.bool:
+        if x.dtype in _NOT_REAL_DTYPES:
             return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_NOT_A_NUMBER
         return float(x.item()), Problem.OK
     np = sys.modules.get("numpy")  # never imported here: if it is not loaded, x is no numpy object
@@ -82,6 +86,8 @@ def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
 
 def make_record(metrics: Any, weight: Any, fingerprint: float) -> Record:
     """Build this rank's record. Never raises for bad ``metrics`` or ``weight``."""
+    if weight is None and type(metrics) is float:  # the hot path: a plain float metric, no weight
+        return Record(metrics, 1.0, 0.0, 0.0, fingerprint)
     value, metric_problem = _scalar(metrics, is_weight=False)
     if weight is None:
         w, weight_problem = 1.0, Problem.OK
@@ -92,4 +98,7 @@ def make_record(metrics: Any, weight: Any, fingerprint: float) -> Record:
                 weight_problem = Problem.WEIGHT_NOT_FINITE
             elif w < 0:
                 weight_problem = Problem.WEIGHT_NEGATIVE
-    return Record(value, w, float(metric_problem), float(weight_problem), fingerprint)
+    return Record(value, w, _CODE[metric_problem], _CODE[weight_problem], fingerprint)
+
+
+_CODE = {problem: float(problem) for problem in Problem}  # float(IntEnum) is slow

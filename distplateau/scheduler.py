@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import struct
 from typing import Any, SupportsFloat
 
 from torch.optim import Optimizer
@@ -184,14 +185,19 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         Ranks whose fingerprints differ would take different decisions from the same metric;
         :meth:`step` compares them across ranks inside its one collective.
         """
-        state = (
-            self.best, self.num_bad_epochs, self.cooldown_counter, self.last_epoch,
-            self.last_finite_metric, self.mode, self.threshold, self.threshold_mode,
-            self.factor, self.patience, self.cooldown, self.min_lrs, self.eps,
-            self.reduction, self.nan_policy,
-            [float(group["lr"]) for group in self.optimizer.param_groups],
-        )
-        digest = hashlib.blake2b(repr(state).encode(), digest_size=8).digest()
+        # Numbers go in bit-exact through struct, names as text: repr() of the floats used to
+        # take most of this function's time. Counters are ints far below 2**53, exact as floats.
+        last = self.last_finite_metric
+        numbers = (self.best, 0.0 if last is None else last, last is None, self.num_bad_epochs,
+                   self.cooldown_counter, self.last_epoch, self.threshold, self.factor, self.patience,
+                   self.cooldown, self.eps, len(self.min_lrs), *self.min_lrs,
+                   *[float(group["lr"]) for group in self.optimizer.param_groups])
+        names = (self.mode, self.threshold_mode, self.reduction, self.nan_policy)
+        try:
+            data = struct.pack(f"={len(numbers)}d", *numbers) + "\0".join(names).encode()
+        except (TypeError, OverflowError, struct.error):  # a setting of another type: as text
+            data = repr((numbers, names)).encode()
+        digest = hashlib.blake2b(data, digest_size=8).digest()
         return float(int.from_bytes(digest, "little") & _FINGERPRINT_MASK)
 
     def state_dict(self) -> dict[str, Any]:
