@@ -76,14 +76,38 @@ def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reducti
             same = all(v == first for v in values)
         if same:
             return first
-        return math.fsum([w * v for w, v in zip(weights, values)]) / math.fsum(weights)
+        return _weighted_mean(values, weights)
     if reduction == "sum":
-        return math.fsum(values)
+        return _fsum(values)
     if reduction == "min":
         return min(values)
     if reduction == "max":
         return max(values)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
+    try:
+        mean = math.fsum([w * v for w, v in zip(weights, values)]) / math.fsum(weights)
+        if math.isfinite(mean):
+            return mean
+    except (OverflowError, ValueError):
+        pass
+    # Finite values whose weighted sum leaves float64's range (losses near 1e308, huge weights):
+    # weights scaled to at most 1, then normalised, keep every term, and so the mean, in range.
+    largest = max(weights)
+    scaled = [w / largest for w in weights]
+    total = math.fsum(scaled)
+    return _fsum([(w / total) * v for w, v in zip(scaled, values)])
+
+
+def _fsum(values: Sequence[float]) -> float:
+    """``math.fsum``, except that a sum beyond float64's range is +/-inf, as plain ``sum`` gives,
+    instead of an ``OverflowError``."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):
+        return sum(values)
 
 
 def _describe(problem: Problem, detail: float) -> str:

@@ -119,3 +119,15 @@ def test_input_errors_are_reported_before_diverged_state():
 def test_unknown_reduction_is_rejected():
     with pytest.raises(ValueError, match="reduction must be one of"):
         reduce([1.0, 2.0], [1.0, 1.0], "median")  # type: ignore[arg-type]
+
+
+def test_sum_beyond_float64_range_is_infinite_not_an_exception():
+    assert run(table(1e308, 1e308), reduction="sum").value == math.inf
+    assert run(table(-1e308, -1e308, -1e308), reduction="sum").value == -math.inf
+
+
+def test_mean_stays_finite_when_the_weighted_sum_would_overflow():
+    assert run(table(1e308, 1.5e308)).value == 1.25e308
+    assert run(table(-1e308, -1.5e308, weights=(3.0, 1.0))).value == pytest.approx(-1.125e308)
+    assert run(table(1e308, -1e308, weights=(1e10, 1e10))).value == 0.0
+    assert run(table(1.0, 3.0, weights=(1e308, 1e308))).value == 2.0
