@@ -73,6 +73,7 @@ class TorchGather:
         else:
             self._device = torch.device("cpu")
         self._row: struct.Struct | None = None  # CPU: tensors over reused bytearrays, see _cpu
+        self._last_work: Any = None
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         if self._device.type == "cpu":
@@ -80,7 +81,7 @@ class TorchGather:
         local = torch.tensor(record, dtype=torch.float64, device=self._device)
         # Flat output: gloo accepts only the concatenated layout.
         table = torch.empty(self.size * len(record), dtype=torch.float64, device=self._device)
-        self._all_gather(table, local, group=self._group)
+        self._gather_into(table, local)
         return table.view(self.size, len(record)).tolist()
 
     def _cpu(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
@@ -94,8 +95,18 @@ class TorchGather:
             self._local = torch.frombuffer(self._send, dtype=torch.float64)
             self._table = torch.frombuffer(self._receive, dtype=torch.float64)
         row.pack_into(self._send, 0, *record)
-        self._all_gather(self._table, self._local, group=self._group)
+        self._gather_into(self._table, self._local)
         return list(row.iter_unpack(self._receive))
+
+    def _gather_into(self, table: torch.Tensor, local: torch.Tensor) -> None:
+        work = self._all_gather(table, local, group=self._group, async_op=True)
+        work.wait()
+        # gloo's worker thread lets go of its reference to the finished work (and so of the
+        # tensors) only after wait() returns, and that release needs the GIL. If it is still
+        # pending when the interpreter starts to exit (a script whose last collective is
+        # this step), the worker dies in std::terminate and the process aborts. Holding the
+        # work until the next step makes this thread, not gloo's, the one that frees it.
+        self._last_work = work
 
 
 class HorovodGather:
