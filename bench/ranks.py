@@ -9,7 +9,8 @@ alternating blocks (``bench/abtest.py``).
 Tables it fills:
 
 * ``step``: our ``step`` against one bare allreduce of one float64 (the least any
-  synchronised step can cost).
+  synchronised step can cost), and the bare collective our ``step`` makes (an allgather
+  of a 5-float64 record per rank), so that what ``step`` adds to its collective shows.
 * ``alternatives``: what a user could write instead, against our ``step``: the seed's recipe
   (allreduce Sum / size, then plain ``step``; one collective but no weights, no NaN policy,
   no validation, no state check), a "robust" version with one collective each for value,
@@ -87,6 +88,9 @@ class Wire:
         if self.backend == "horovod":
             self.hvd.shutdown()
         else:
+            # A barrier first: its wait lets gloo's worker threads release the last timed
+            # collectives' tensors before the interpreter exits (torch 2.13 aborts otherwise).
+            self.dist.barrier()
             self.dist.destroy_process_group()
 
 
@@ -156,7 +160,8 @@ def measure(wire: Wire, blocks: int, iters: int) -> dict[str, list[Ratio]]:
 
     result = {
         "step": compare({"one bare allreduce (1 float64)": bare_allreduce,
-                         "DistributedReduceLROnPlateau.step": our_step},
+                         "DistributedReduceLROnPlateau.step": our_step,
+                         "allgather of a 5-float64 record (ours)": allgather_record},
                         "one bare allreduce (1 float64)", blocks=blocks, iters=iters),
         "alternatives": compare({"DistributedReduceLROnPlateau.step": our_step,
                                  "seed recipe: allreduce Sum / size + step": seed_recipe,

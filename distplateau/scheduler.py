@@ -155,23 +155,22 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         if weight is None:
             weight = self.default_weight
         fingerprint = self.fingerprint() if gather.size > 1 else 0.0
-        table = gather(make_record(metrics, weight, fingerprint))
         decision = decide(
-            table,
+            gather(make_record(metrics, weight, fingerprint)),
             reduction=self.reduction,
             nan_policy=self.nan_policy,
             last_finite=self.last_finite_metric,
             ranks=gather.ranks,
         )
-        if decision.nonfinite_ranks and gather.index == 0:
+        value, nonfinite_ranks = decision
+        if nonfinite_ranks and gather.index == 0:
             logger.warning(
                 "distplateau: metric is NaN or Inf on rank(s) %s at step %d; nan_policy=%r %s",
-                ", ".join(map(str, decision.nonfinite_ranks)),
+                ", ".join(map(str, nonfinite_ranks)),
                 self.last_epoch + 1,
                 self.nan_policy,
-                "changes nothing" if decision.value is None else f"steps on {decision.value!r}",
+                "changes nothing" if value is None else f"steps on {value!r}",
             )
-        value = decision.value
         if value is None:
             return
         self.last_global_metric = value
