@@ -54,6 +54,8 @@ class TorchGather:
     """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)
     of one float64 record per rank."""
 
+    _last_work: Any = None  # the latest step's finished collective, see _gather_into
+
     def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
@@ -73,7 +75,6 @@ class TorchGather:
         else:
             self._device = torch.device("cpu")
         self._row: struct.Struct | None = None  # CPU: tensors over reused bytearrays, see _cpu
-        self._last_work: Any = None
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         if self._device.type == "cpu":
@@ -105,8 +106,9 @@ class TorchGather:
         # tensors) only after wait() returns, and that release needs the GIL. If it is still
         # pending when the interpreter starts to exit (a script whose last collective is
         # this step), the worker dies in std::terminate and the process aborts. Holding the
-        # work until the next step makes this thread, not gloo's, the one that frees it.
-        self._last_work = work
+        # work until the next step, in a class attribute that outlives this scheduler, makes
+        # this thread, not gloo's, the one that frees it.
+        TorchGather._last_work = work
 
 
 class HorovodGather:
