@@ -5,8 +5,8 @@
 #   bash dev.sh setup   only build the environment (.venv)
 #   bash dev.sh lightning  the Lightning tests only (DDP and horovodrun fits on 2 ranks)
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
-#   bash dev.sh reliability  the full reliability campaign on real ranks (~11 min), summary table
-#   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~6 min), Markdown tables
+#   bash dev.sh reliability  the full reliability campaign on real ranks (~5 min idle), summary table
+#   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~2.5 min), Markdown tables
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
 # later runs reuse it.
 set -euo pipefail

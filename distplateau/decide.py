@@ -48,6 +48,7 @@ class Decision(NamedTuple):
 # a fraction of the time, which matters on the single-process hot path.
 _new_tuple = tuple.__new__
 
+
 def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reduction) -> float:
     """Reduce the contributing ranks' values; ``weights`` matter to ``"mean"`` only.
 
