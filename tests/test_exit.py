@@ -19,6 +19,8 @@ from .launch import run_torch
 WORKER = str(Path(__file__).with_name("exit_worker.py"))
 
 
+# Each ending twice: a launch is 4 chances at the race, 8 per ending make losing it near-certain
+# without the fix (2 of these 4 launches failed with it removed).
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("ending", ["kept", "kept", "dropped", "dropped"])
 def test_ranks_exit_cleanly_when_step_was_the_last_collective(ending: str) -> None:
