@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer  # package `pytorch-lightning`: from pytorch_lightning import ...
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -4,8 +4,10 @@ Run it (2 CPU processes, started by horovodrun):
 
     horovodrun -np 2 --gloo python examples/lightning_horovod.py
 
-``import distplateau.lightning`` registers ``Trainer(strategy="horovod")`` (Lightning 2.0
-removed its own).
+Written with ``import pytorch_lightning`` (package ``pytorch-lightning``), whose Horovod
+strategy ``import distplateau.pytorch_lightning`` registers as ``Trainer(strategy="horovod")``
+(Lightning 2.0 removed its own); with the ``lightning`` package write
+``from lightning.pytorch import ...`` and ``import distplateau.lightning`` instead.
 
 Each rank validates on its own shard and logs ``val_loss`` *without* ``sync_dist``, so the
 ranks see different losses. ``configure_optimizers`` uses ``DistributedReduceLROnPlateau``
@@ -18,11 +20,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from pytorch_lightning import LightningModule, Trainer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, TensorDataset
 
-import distplateau.lightning  # noqa: F401  (registers strategy="horovod")
+import distplateau.pytorch_lightning  # noqa: F401  (registers strategy="horovod")
 from distplateau import DistributedReduceLROnPlateau
 
 

@@ -4,6 +4,8 @@
 the second rank (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``).
 ``horovodrun -np 2 --gloo python tests/lightning_checks.py horovod OUT_DIR``: the ranks come
 from horovodrun (``Trainer(strategy="horovod")``).
+``DISTPLATEAU_LIGHTNING_PACKAGE`` names the Lightning package every class comes from,
+``lightning.pytorch`` (default) or ``pytorch_lightning``, with distplateau's module for it.
 
 Each rank writes ``OUT_DIR/rank{r}.json`` after every scenario: scenario name -> what that
 rank observed (or ``{"error": traceback}``). ``tests/test_lightning_ranks.py`` compares the
@@ -14,6 +16,7 @@ ranks' local means drift apart while the global mean stays ``BASE``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -24,14 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-import distplateau.lightning  # noqa: F401  (registers strategy="horovod")
 from distplateau import DistributedReduceLROnPlateau
+
+PACKAGE = os.environ.get("DISTPLATEAU_LIGHTNING_PACKAGE", "lightning.pytorch")
+pl = importlib.import_module(PACKAGE)
+# the distplateau module of that package; importing it registers strategy="horovod"
+dp = importlib.import_module({"lightning.pytorch": "distplateau.lightning",
+                              "pytorch_lightning": "distplateau.pytorch_lightning"}[PACKAGE])
+LightningModule, Trainer = pl.LightningModule, pl.Trainer
+Callback, ModelCheckpoint = pl.callbacks.Callback, pl.callbacks.ModelCheckpoint
+TorchCheckpointIO = importlib.import_module(f"{PACKAGE}.plugins.io").TorchCheckpointIO
 
 STRATEGY = sys.argv[1]
 OUT = Path(sys.argv[2])
@@ -171,7 +179,9 @@ def plain_torch_scheduler_diverges() -> dict[str, Any]:
 def class_swap_follows_global_schedule() -> dict[str, Any]:
     trainer, h = fit(Model())
     return {"lrs": h.lrs, "globals": h.globals, "state": scheduler_state(trainer),
-            "callbacks": [type(c).__name__ for c in trainer.callbacks],
+            "callbacks": [f"{type(c).__module__}.{type(c).__name__}" for c in trainer.callbacks],
+            "strategy": f"{type(trainer.strategy).__module__}.{type(trainer.strategy).__name__}",
+            "lightning": f"{PACKAGE} {pl.__version__}",
             "weights": {k: v.tolist() for k, v in trainer.lightning_module.state_dict().items()}}
 
 
@@ -180,6 +190,18 @@ def sample_counts_weight_uneven_shards() -> dict[str, Any]:
     model = Model(val=[[1.0, 2.0, 3.0], [10.0]], scheduler_kwargs={"patience": 100})
     trainer, h = fit(model, epochs=2, use_distributed_sampler=False)
     return {"globals": h.globals, "default_weight": trainer.lr_scheduler_configs[0].scheduler.default_weight}
+
+
+def padded_sampler_gives_the_mean_over_the_dataset() -> dict[str, Any]:
+    # 7 samples on 2 ranks: Lightning's DistributedSampler would give rank 1 sample 0 again
+    # (4 + 4 samples). Sample 0 is an outlier, so a repeat of it would move the mean.
+    values = [100.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    model = Model(val=[values, values], scheduler_kwargs={"patience": 100})
+    model.val_dataloader = lambda: DataLoader(Indexed(len(values), values), batch_size=2)  # type: ignore[method-assign]
+    trainer, h = fit(model, epochs=2)
+    sampler = trainer.val_dataloaders.sampler
+    return {"globals": h.globals, "default_weight": trainer.lr_scheduler_configs[0].scheduler.default_weight,
+            "sampler": type(sampler).__name__, "expected": sum(values) / len(values)}
 
 
 def strict_false_metric_on_rank0_only() -> dict[str, Any]:
@@ -234,8 +256,7 @@ class RecordingIO(TorchCheckpointIO):
 
 
 def horovod_checkpoints_written_by_rank0_only() -> dict[str, Any]:
-    from distplateau.lightning import HorovodStrategy
-
+    HorovodStrategy = dp.HorovodStrategy  # the strategy object of this package
     RecordingIO.writes = []
     ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-hvd"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     fit(Model(), epochs=2, root="hvd-ckpt", callbacks=[ckpt], strategy=HorovodStrategy(checkpoint_io=RecordingIO()))
@@ -285,7 +306,8 @@ def horovod_matches_full_batch_reference(accumulate: int = 1) -> dict[str, Any]:
     return {
         "max_diff_to_reference": diff,
         "shards": shards,
-        "rank": rank, "world": strategy.world_size, "strategy": type(strategy).__name__,
+        "rank": rank, "world": strategy.world_size,
+        "strategy": f"{type(strategy).__module__}.{type(strategy).__name__}",
         "reduce_sum": float(strategy.reduce(torch.tensor(float(rank + 1)), reduce_op="sum")),
         "reduce_mean": float(strategy.reduce(torch.tensor(float(rank + 1)))),
         "all_gather": strategy.all_gather(torch.tensor([rank, 10 + rank])).tolist(),
@@ -314,13 +336,14 @@ def world_size_1_checkpoint() -> dict[str, Any]:
 
 SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
     "ddp": [plain_torch_scheduler_diverges, class_swap_follows_global_schedule, sample_counts_weight_uneven_shards,
+            padded_sampler_gives_the_mean_over_the_dataset,
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises],
     "single": [resume_from_other_world_size] if CKPT_OTHER else [world_size_1_checkpoint],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
-                sample_counts_weight_uneven_shards,
+                sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises],
 }

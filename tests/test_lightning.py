@@ -1,9 +1,15 @@
-"""distplateau.lightning in one process: imports, registration, the monitor hook, LightningCLI."""
+"""distplateau.lightning and distplateau.pytorch_lightning in one process: imports,
+registration, the entry points, the monitor hook, LightningCLI in and out of ``fit``.
+
+Every test that takes ``pl`` runs once per Lightning package (tests/conftest.py).
+"""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -12,26 +18,52 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distplateau import DistributedReduceLROnPlateau
 
-lightning = pytest.importorskip("lightning.pytorch")
-
-from distplateau.lightning import DistributedPlateauCallback, HorovodStrategy, attach_monitor  # noqa: E402
+from .conftest import DISTPLATEAU_MODULE
 
 
-def test_importing_distplateau_lightning_imports_lightning_but_not_horovod() -> None:
-    code = ("import sys, distplateau; assert 'lightning' not in sys.modules; import distplateau.lightning; "
-            "assert 'lightning' in sys.modules; assert 'horovod' not in sys.modules")
+@pytest.fixture(scope="module")
+def pl(lightning_package: str) -> ModuleType:
+    return importlib.import_module(lightning_package)
+
+
+@pytest.fixture(scope="module")
+def dp(lightning_package: str) -> ModuleType:
+    return importlib.import_module(DISTPLATEAU_MODULE[lightning_package])
+
+
+def test_importing_distplateau_imports_no_lightning_package() -> None:
+    code = "import sys, distplateau; assert not {'lightning', 'pytorch_lightning', 'horovod'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_strategy_horovod_is_registered() -> None:
-    from lightning.pytorch.strategies import StrategyRegistry
+def test_each_module_imports_its_own_lightning_package_only(lightning_package: str) -> None:
+    other = "pytorch_lightning" if lightning_package == "lightning.pytorch" else "lightning.pytorch"
+    code = (f"import sys, {DISTPLATEAU_MODULE[lightning_package]}; assert {lightning_package!r} in sys.modules; "
+            f"assert {other!r} not in sys.modules; assert 'horovod' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
-    assert StrategyRegistry["horovod"]["strategy"] is HorovodStrategy
+
+def test_strategy_horovod_is_registered_with_the_packages_own_strategy_class(pl: ModuleType, dp: ModuleType) -> None:
+    assert pl.strategies.StrategyRegistry["horovod"]["strategy"] is dp.HorovodStrategy
+    assert issubclass(dp.HorovodStrategy, pl.strategies.Strategy)
+    assert issubclass(dp.DistributedPlateauCallback, pl.callbacks.Callback)
 
 
-def test_every_trainer_gets_the_callback_from_the_entry_point(tmp_path: Any) -> None:
-    trainer = lightning.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    assert sum(isinstance(c, DistributedPlateauCallback) for c in trainer.callbacks) == 1
+def test_every_trainer_gets_the_callback_of_its_package_from_the_entry_point(pl: ModuleType, dp: ModuleType,
+                                                                             tmp_path: Any) -> None:
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    ours = [c for c in trainer.callbacks if "DistributedPlateauCallback" in type(c).__name__]
+    assert [type(c) for c in ours] == [dp.DistributedPlateauCallback]
+
+
+def test_an_explicit_callback_is_the_one_that_acts(pl: ModuleType, dp: ModuleType, tmp_path: Any) -> None:
+    mine = dp.DistributedPlateauCallback(weight_by_samples=False)
+    trainer = pl.Trainer(callbacks=[mine], logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         max_epochs=1, num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(cli_model(pl)(scheduler=True))
+    assert trainer.callbacks.index(mine) < trainer.callbacks.index(
+        next(c for c in trainer.callbacks if isinstance(c, dp.DistributedPlateauCallback) and c is not mine))
+    assert trainer.lr_scheduler_configs[0].scheduler.last_global_metric == 1.0
 
 
 def _scheduler(monitor: str | None = "val_loss") -> DistributedReduceLROnPlateau:
@@ -39,26 +71,26 @@ def _scheduler(monitor: str | None = "val_loss") -> DistributedReduceLROnPlateau
     return DistributedReduceLROnPlateau(opt, monitor=monitor)
 
 
-def test_attach_monitor_fills_in_the_schedulers_monitor_in_every_form() -> None:
+def test_attach_monitor_fills_in_the_schedulers_monitor_in_every_form(dp: ModuleType) -> None:
     sched = _scheduler()
     opt = sched.optimizer
-    assert attach_monitor(([opt], [sched])) == ([opt], [{"scheduler": sched, "monitor": "val_loss"}])
-    assert attach_monitor({"optimizer": opt, "lr_scheduler": sched}) == {
+    assert dp.attach_monitor(([opt], [sched])) == ([opt], [{"scheduler": sched, "monitor": "val_loss"}])
+    assert dp.attach_monitor({"optimizer": opt, "lr_scheduler": sched}) == {
         "optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
-    assert attach_monitor([{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}]) == [
+    assert dp.attach_monitor([{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}]) == [
         {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch", "monitor": "val_loss"}}]
 
 
-def test_attach_monitor_leaves_explicit_monitors_and_other_schedulers_alone() -> None:
+def test_attach_monitor_leaves_explicit_monitors_and_other_schedulers_alone(dp: ModuleType) -> None:
     sched = _scheduler()
     opt = sched.optimizer
     explicit = {"optimizer": opt, "lr_scheduler": sched, "monitor": "train_loss"}
-    assert attach_monitor(explicit) is explicit
+    assert dp.attach_monitor(explicit) is explicit
     inner = {"scheduler": sched, "monitor": "train_loss"}
-    assert attach_monitor(([opt], [inner])) == ([opt], [inner])
+    assert dp.attach_monitor(([opt], [inner])) == ([opt], [inner])
     no_monitor = _scheduler(monitor=None)
-    assert attach_monitor(([opt], [no_monitor])) == ([opt], [no_monitor])
-    assert attach_monitor(opt) is opt
+    assert dp.attach_monitor(([opt], [no_monitor])) == ([opt], [no_monitor])
+    assert dp.attach_monitor(opt) is opt
 
 
 def test_monitor_is_not_state_and_default_weight_is_not_saved() -> None:
@@ -68,36 +100,65 @@ def test_monitor_is_not_state_and_default_weight_is_not_saved() -> None:
     assert sched.state_dict()["monitor"] == "val_loss"
 
 
-class CliModel(lightning.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
+def cli_model(pl: ModuleType) -> Any:
+    class CliModel(pl.LightningModule):
+        def __init__(self, scheduler: bool = False) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.scheduler = scheduler
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.layer(batch[0]).pow(2).mean()
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0]).pow(2).mean()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", torch.tensor(1.0))
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.tensor(1.0))
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [DistributedReduceLROnPlateau(opt, monitor="val_loss")] if self.scheduler else [opt]
+
+    return CliModel
 
 
-def test_lightning_cli_takes_the_scheduler_with_its_monitor(tmp_path: Any) -> None:
-    from lightning.pytorch.cli import LightningCLI
+def _cli_args(tmp_path: Any) -> list[str]:
+    return ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1",
+            "--lr_scheduler", "distplateau.DistributedReduceLROnPlateau", "--lr_scheduler.monitor", "val_loss",
+            "--lr_scheduler.patience", "0", "--trainer.max_epochs", "3", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false"]
 
-    cli = LightningCLI(CliModel, save_config_callback=None, args=[
-        "fit", "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1",
-        "--lr_scheduler", "distplateau.DistributedReduceLROnPlateau", "--lr_scheduler.monitor", "val_loss",
-        "--lr_scheduler.patience", "0", "--trainer.max_epochs", "3", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
-    ])
+
+def test_lightning_cli_fit_takes_the_scheduler_with_its_monitor(pl: ModuleType, dp: ModuleType, tmp_path: Any) -> None:
+    cli = pl.cli.LightningCLI(cli_model(pl), save_config_callback=None, args=["fit", *_cli_args(tmp_path)])
     config = cli.trainer.lr_scheduler_configs[0]
     assert isinstance(config.scheduler, DistributedReduceLROnPlateau)
     assert config.monitor == "val_loss" and config.reduce_on_plateau
     assert config.scheduler.last_epoch == 3 and config.scheduler.last_global_metric == 1.0
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.1 * 0.1)
+
+
+def test_lightning_cli_configure_optimizers_carries_the_monitor_outside_fit(pl: ModuleType, dp: ModuleType,
+                                                                           tmp_path: Any) -> None:
+    # As Lightning's own CLI tests do: build the CLI without running, then call the model's hook.
+    cli = pl.cli.LightningCLI(cli_model(pl), save_config_callback=None, run=False, args=_cli_args(tmp_path))
+    conf = cli.model.configure_optimizers()
+    assert isinstance(conf, dict) and isinstance(conf["lr_scheduler"]["scheduler"], DistributedReduceLROnPlateau)
+    assert conf["lr_scheduler"]["monitor"] == "val_loss"
+    assert conf["optimizer"] is conf["lr_scheduler"]["scheduler"].optimizer
+
+
+def test_lightning_cli_still_returns_other_schedulers_as_lightning_does(pl: ModuleType, dp: ModuleType,
+                                                                        tmp_path: Any) -> None:
+    args = [a if a != "distplateau.DistributedReduceLROnPlateau" else "torch.optim.lr_scheduler.StepLR"
+            for a in _cli_args(tmp_path)]
+    args[args.index("--lr_scheduler.monitor"):args.index("--lr_scheduler.monitor") + 4] = ["--lr_scheduler.step_size",
+                                                                                           "1"]
+    cli = pl.cli.LightningCLI(cli_model(pl), save_config_callback=None, run=False, args=args)
+    optimizers, schedulers = cli.model.configure_optimizers()
+    assert isinstance(schedulers[0], torch.optim.lr_scheduler.StepLR)

@@ -1,8 +1,9 @@
 """Lightning fits on two real ranks: Lightning's own DDP (CPU, gloo, ``devices=2``) and
-``distplateau.lightning.HorovodStrategy`` under ``horovodrun -np 2 --gloo``.
+distplateau's ``HorovodStrategy`` under ``horovodrun -np 2 --gloo``, once per Lightning
+package (``lightning.pytorch`` and ``pytorch_lightning``, see tests/conftest.py).
 
-One launch per strategy runs every scenario of ``tests/lightning_checks.py``; each test
-here then compares what the ranks observed in one scenario.
+One launch per strategy and package runs every scenario of ``tests/lightning_checks.py``; each
+test here then compares what the ranks observed in one scenario.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from .conftest import DISTPLATEAU_MODULE
 from .launch import _env, _run, horovodrun_available, run_horovod
 
 pytestmark = pytest.mark.timeout(1200)  # a module fixture runs up to three launches of LAUNCH_TIMEOUT each
@@ -33,19 +35,20 @@ def _results(out: Path, log: str, world: int = 2) -> tuple[list[dict[str, Any]],
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
-    tmp = tmp_path_factory.mktemp("lightning-ddp")
+def ddp(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+    tmp = tmp_path_factory.mktemp(f"lightning-ddp-{lightning_package}")
+    env = _env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
     # A checkpoint from a 1-process run, for resuming at a different world size.
-    single = _run([sys.executable, CHECKS, "single", str(tmp / "single")], LAUNCH_TIMEOUT, _env())
+    single = _run([sys.executable, CHECKS, "single", str(tmp / "single")], LAUNCH_TIMEOUT, env)
     ckpt = json.loads((tmp / "single" / "rank0.json").read_text())["world_size_1_checkpoint"].get("path", "")
     try:
-        log = _run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, _env()).stdout
+        log = _run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, env).stdout
     except subprocess.TimeoutExpired as err:
         log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
     ranks, _ = _results(tmp / "ddp", log)
     # ... and back: the 2-rank run's checkpoint resumed by one process.
     ckpt2 = str(tmp / "ddp" / "ckpt-same" / "epoch=2.ckpt")
-    back = _run([sys.executable, CHECKS, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, _env())
+    back = _run([sys.executable, CHECKS, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, env)
     if (tmp / "back" / "rank0.json").exists():
         ranks[0]["resume_from_world_size_2"] = json.loads((tmp / "back" / "rank0.json").read_text())[
             "resume_from_other_world_size"]
@@ -53,19 +56,20 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]],
 
 
 @pytest.fixture(scope="module")
-def horovod(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+def horovod(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
     if not horovodrun_available():
         pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
-    tmp = tmp_path_factory.mktemp("lightning-horovod")
+    tmp = tmp_path_factory.mktemp(f"lightning-horovod-{lightning_package}")
     try:
-        log = run_horovod(2, [CHECKS, "horovod", str(tmp)], LAUNCH_TIMEOUT).stdout
+        log = run_horovod(2, [CHECKS, "horovod", str(tmp)], LAUNCH_TIMEOUT,
+                          {"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package}).stdout
     except subprocess.TimeoutExpired as err:
         log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
     return _results(tmp, log)
 
 
 @pytest.fixture(params=["ddp", "horovod"])
-def launch(request: pytest.FixtureRequest) -> tuple[list[dict[str, Any]], str]:
+def launch(request: pytest.FixtureRequest, lightning_package: str) -> tuple[list[dict[str, Any]], str]:
     return request.getfixturevalue(request.param)
 
 
@@ -100,13 +104,17 @@ def test_plain_torch_scheduler_lets_the_ranks_learning_rates_diverge(ddp: Any) -
     assert rank0["lrs"] != rank1["lrs"]
 
 
-def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Any) -> None:
+def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Any, lightning_package: str) -> None:
     rank0, rank1 = scenario(launch, "class_swap_follows_global_schedule")
     assert rank0["globals"] == rank1["globals"] == [BASE] * len(DRIFT)
     assert rank0["lrs"] == rank1["lrs"] == torch_schedule([BASE] * len(DRIFT))
     assert rank0["state"] == rank1["state"]
     assert rank0["weights"] == rank1["weights"]
-    assert "DistributedPlateauCallback" in rank0["callbacks"]  # attached by the entry point
+    # the Trainer and the callback its entry point attached come from the package under test
+    module = DISTPLATEAU_MODULE[lightning_package]
+    assert rank0["lightning"].split()[0] == lightning_package
+    assert f"{module}.DistributedPlateauCallback" in rank0["callbacks"]
+    assert rank0["strategy"].startswith(("distplateau", lightning_package.split(".")[0]))
 
 
 # ------------------------------------------------------------------ item 3: weights
@@ -117,6 +125,13 @@ def test_validation_sample_counts_make_the_exact_global_mean_on_uneven_shards(la
     # rank 0 validates [1, 2, 3] (mean 2), rank 1 [10]: (1 + 2 + 3 + 10) / 4 = 4, not (2 + 10) / 2
     assert rank0["globals"] == rank1["globals"] == [4.0, 4.0]
     assert (rank0["default_weight"], rank1["default_weight"]) == (3, 1)
+
+
+def test_padded_validation_shards_give_the_mean_over_the_dataset(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "padded_sampler_gives_the_mean_over_the_dataset")
+    assert rank0["sampler"] == "DistributedSampler"  # added by Lightning
+    assert (rank0["default_weight"], rank1["default_weight"]) == (4, 3)  # 7 samples, none repeated
+    assert rank0["globals"] == rank1["globals"] == [pytest.approx(rank0["expected"], rel=1e-12)] * 2
 
 
 # ------------------------------------------------------------------ item 6: strict=False
@@ -177,13 +192,14 @@ def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted
 # ------------------------------------------------------------------ item 2: the Horovod strategy
 
 
-def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(horovod: Any) -> None:
+def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(horovod: Any, lightning_package: str) -> None:
     rank0, rank1 = scenario(horovod, "horovod_matches_full_batch_reference")
     # rank 1 starts from other weights and another lr; after the fit both equal a plain-torch
     # run from rank 0's start that averages the two ranks' batch gradients at every step
     assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
     assert (rank0["rank"], rank1["rank"], rank0["world"]) == (0, 1, 2)
-    assert rank0["backend"] == "HorovodGather" and rank0["strategy"] == "HorovodStrategy"
+    assert rank0["backend"] == "HorovodGather"
+    assert rank0["strategy"] == f"{DISTPLATEAU_MODULE[lightning_package]}.HorovodStrategy"
     shards = rank0["shards"]  # (world, steps, batch): a distributed sampler splits each epoch
     for epoch in range(2):
         seen = [i for rank in shards for step in rank[2 * epoch:2 * epoch + 2] for i in step]

@@ -1,8 +1,13 @@
-"""``HorovodStrategy``: data-parallel training under ``horovodrun`` for Lightning 2.x.
+"""``HorovodStrategy``: data-parallel training under ``horovodrun`` for Lightning 2.x, written
+once for both Lightning packages.
 
 Lightning 2.0 removed its Horovod strategy; this one follows Lightning's own
 ``DDPStrategy`` wherever Horovod allows, so that switching between ``strategy="ddp"`` and
 ``strategy="horovod"`` changes the transport, not the training.
+
+:class:`HorovodStrategyBase` imports no Lightning package: ``distplateau.lightning`` and
+``distplateau.pytorch_lightning`` each combine it with their package's ``ParallelStrategy``
+and register it in their package's ``StrategyRegistry``.
 """
 
 from __future__ import annotations
@@ -12,16 +17,14 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["HorovodStrategy"]
+# Lightning's class comes in through each package's subclass; to mypy it is Any.
+_ParallelStrategy: Any = object
+
+__all__ = ["HorovodStrategyBase", "register"]
 
 
 def _import_horovod() -> Any:
@@ -35,10 +38,12 @@ def _import_horovod() -> Any:
     return hvd
 
 
-class HorovodStrategy(ParallelStrategy):
+class HorovodStrategyBase(_ParallelStrategy):
     """Data-parallel training with Horovod: one process per device, launched by
     ``horovodrun``. Registered as ``Trainer(strategy="horovod")`` by
-    ``import distplateau.lightning``.
+    ``import distplateau.lightning`` (for ``lightning.pytorch``) and by
+    ``import distplateau.pytorch_lightning`` (for ``pytorch_lightning``); to pass the strategy
+    as an object, import ``HorovodStrategy`` from the module of your package.
 
     Rank and world size come from Horovod (``hvd.init()`` runs when the strategy is
     built). At the start of ``fit`` the parameters, buffers and optimizer state of rank 0
@@ -58,19 +63,20 @@ class HorovodStrategy(ParallelStrategy):
     Example::
 
         # train.py, launched as: horovodrun -np 2 --gloo python train.py
-        import distplateau.lightning  # registers strategy="horovod"
+        import distplateau.lightning  # registers strategy="horovod"; or distplateau.pytorch_lightning
         trainer = lightning.pytorch.Trainer(strategy="horovod", accelerator="cpu", max_epochs=5)
         trainer.fit(model)
     """
 
     strategy_name = "horovod"
+    optimizers: list[Optimizer]  # Lightning's property, for mypy
 
     def __init__(
         self,
-        accelerator: Accelerator | None = None,
+        accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -130,9 +136,9 @@ class HorovodStrategy(ParallelStrategy):
         hvd = self._hvd
         assert self.model is not None
         hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
-        if trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != "fit":  # TrainerFn.FITTING, a str enum in both packages
             return
-        wrapped = []
+        wrapped: list[Any] = []
         for optimizer in self.optimizers:
             # Optimizer state travels pickled: hvd.broadcast_optimizer_state would take a
             # dummy step to create missing state, which moves the weights under weight decay.
@@ -217,11 +223,13 @@ class HorovodStrategy(ParallelStrategy):
         strategy_registry.register(cls.strategy_name, cls, description="Horovod data parallel (distplateau)")
 
 
+def register(strategy: type[HorovodStrategyBase], strategy_registry: Any) -> None:
+    """Register ``strategy`` as ``Trainer(strategy="horovod")`` in one package's registry."""
+    if strategy.strategy_name not in strategy_registry:
+        strategy.register_strategies(strategy_registry)
+
+
 def _named_parameters(module: torch.nn.Module, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:
     # Horovod needs a name for every parameter the optimizer holds, and only those.
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     return [(name, p) for name, p in module.named_parameters() if id(p) in in_optimizer]
-
-
-if HorovodStrategy.strategy_name not in StrategyRegistry:
-    HorovodStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,43 @@
+"""distplateau for ``pytorch_lightning`` (package ``pytorch-lightning``): the Horovod strategy and the
+callback that keeps :class:`~distplateau.DistributedReduceLROnPlateau` in step on every rank.
+
+Importing this module imports ``pytorch_lightning`` (never Horovod), registers
+``Trainer(strategy="horovod")`` and makes ``LightningCLI`` hand the scheduler's ``monitor`` to
+Lightning. The callback is attached to every ``Trainer`` automatically through the
+``pytorch_lightning.callbacks_factory`` entry point when distplateau is pip-installed. These are
+the classes of :mod:`distplateau.lightning`, built on ``pytorch_lightning``'s: one
+implementation, two class hierarchies, as Lightning itself ships.
+"""
+
+from __future__ import annotations
+
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.strategies import ParallelStrategy, StrategyRegistry
+from pytorch_lightning.utilities.data import extract_batch_size
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from ._lightning.callback import PlateauCallbackBase, add_monitor_to_cli, attach_monitor
+from ._lightning.horovod import HorovodStrategyBase, register
+
+__all__ = ["DistributedPlateauCallback", "HorovodStrategy", "attach_monitor", "callbacks_factory"]
+
+
+class DistributedPlateauCallback(PlateauCallbackBase, Callback):
+    __doc__ = PlateauCallbackBase.__doc__
+    misconfiguration_error = MisconfigurationException
+    extract_batch_size = staticmethod(extract_batch_size)
+
+
+class HorovodStrategy(HorovodStrategyBase, ParallelStrategy):
+    __doc__ = HorovodStrategyBase.__doc__
+
+
+def callbacks_factory() -> list[Callback]:
+    """The callbacks Lightning adds to every ``Trainer`` (entry point
+    ``lightning.pytorch.callbacks_factory``): one :class:`DistributedPlateauCallback`."""
+    return [DistributedPlateauCallback()]
+
+
+register(HorovodStrategy, StrategyRegistry)
+add_monitor_to_cli(LightningCLI)
