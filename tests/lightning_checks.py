@@ -2,8 +2,9 @@
 
 ``python tests/lightning_checks.py ddp OUT_DIR [CKPT_OTHER]``: Lightning's own launcher starts
 the second rank (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``).
-``horovodrun -np 2 --gloo python tests/lightning_checks.py horovod OUT_DIR``: the ranks come
-from horovodrun (``Trainer(strategy="horovod")``).
+``horovodrun -np 2 --gloo python tests/lightning_checks.py horovod OUT_DIR [CKPT_OTHER]``: the
+ranks come from horovodrun (``Trainer(strategy="horovod")``). ``CKPT_OTHER`` is a checkpoint
+of a 1-process run, resumed on the 2 ranks.
 ``DISTPLATEAU_LIGHTNING_PACKAGE`` names the Lightning package every class comes from,
 ``lightning.pytorch`` (default) or ``pytorch_lightning``, with distplateau's module for it.
 
@@ -344,6 +345,7 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
+                resume_same_world_size, resume_from_other_world_size,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises],
 }

@@ -35,12 +35,22 @@ def _results(out: Path, log: str, world: int = 2) -> tuple[list[dict[str, Any]],
 
 
 @pytest.fixture(scope="module")
-def ddp(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+def world1_checkpoint(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A checkpoint from a 1-process run, for resuming at a different world size, and its log."""
+    tmp = tmp_path_factory.mktemp(f"lightning-single-{lightning_package}")
+    env = _env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
+    single = _run([sys.executable, CHECKS, "single", str(tmp)], LAUNCH_TIMEOUT, env)
+    result = tmp / "rank0.json"
+    ckpt = json.loads(result.read_text())["world_size_1_checkpoint"].get("path", "") if result.exists() else ""
+    return ckpt, single.stdout
+
+
+@pytest.fixture(scope="module")
+def ddp(lightning_package: str, world1_checkpoint: tuple[str, str],
+        tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
     tmp = tmp_path_factory.mktemp(f"lightning-ddp-{lightning_package}")
     env = _env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
-    # A checkpoint from a 1-process run, for resuming at a different world size.
-    single = _run([sys.executable, CHECKS, "single", str(tmp / "single")], LAUNCH_TIMEOUT, env)
-    ckpt = json.loads((tmp / "single" / "rank0.json").read_text())["world_size_1_checkpoint"].get("path", "")
+    ckpt, single_log = world1_checkpoint
     try:
         log = _run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, env).stdout
     except subprocess.TimeoutExpired as err:
@@ -52,16 +62,17 @@ def ddp(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tup
     if (tmp / "back" / "rank0.json").exists():
         ranks[0]["resume_from_world_size_2"] = json.loads((tmp / "back" / "rank0.json").read_text())[
             "resume_from_other_world_size"]
-    return ranks, single.stdout + log + back.stdout
+    return ranks, single_log + log + back.stdout
 
 
 @pytest.fixture(scope="module")
-def horovod(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
+def horovod(lightning_package: str, world1_checkpoint: tuple[str, str],
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
     if not horovodrun_available():
         pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
     tmp = tmp_path_factory.mktemp(f"lightning-horovod-{lightning_package}")
     try:
-        log = run_horovod(2, [CHECKS, "horovod", str(tmp)], LAUNCH_TIMEOUT,
+        log = run_horovod(2, [CHECKS, "horovod", str(tmp), world1_checkpoint[0]], LAUNCH_TIMEOUT,
                           {"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package}).stdout
     except subprocess.TimeoutExpired as err:
         log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
@@ -172,9 +183,9 @@ def test_monitor_given_to_the_scheduler_is_enough_for_lightning(ddp: Any) -> Non
 
 
 @pytest.mark.parametrize("name", ["resume_same_world_size", "resume_from_other_world_size"])
-def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(ddp: Any, name: str) -> None:
-    uninterrupted = scenario(ddp, "class_swap_follows_global_schedule")[0]["state"]
-    rank0, rank1 = scenario(ddp, name)  # from a 2-rank / a 1-process checkpoint, on 2 ranks
+def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(launch: Any, name: str) -> None:
+    uninterrupted = scenario(launch, "class_swap_follows_global_schedule")[0]["state"]
+    rank0, rank1 = scenario(launch, name)  # from a 2-rank / a 1-process checkpoint, on 2 ranks
     assert rank0["saved"]["last_epoch"] == 2  # saved before epoch 2's plateau step
     assert rank0["restored"] == rank1["restored"] == rank0["saved"]
     assert rank0["state"] == rank1["state"] == uninterrupted
