@@ -4,6 +4,9 @@
 #   bash dev.sh test    lint, type check and the whole test suite
 #   bash dev.sh setup   only build the environment (.venv)
 #   bash dev.sh lightning  the Lightning tests only (DDP and horovodrun fits on 2 ranks)
+#   bash dev.sh compat  the Lightning tests against lightning and pytorch-lightning 2.1.0 to 2.6.6
+#                       (the last release of each minor; ~8 min), one venv each in .venv-compat/ sharing .venv's torch
+#                       and Horovod; e.g. `--versions 2.6.6 --packages lightning -- tests/test_lightning.py`
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
 #   bash dev.sh reliability  the full reliability campaign on real ranks (~5 min idle), summary table
 #   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~2.5 min), Markdown tables
@@ -54,11 +57,14 @@ case "$cmd" in
   lightning)
     setup
     exec "$PY" -m pytest tests/test_lightning.py tests/test_lightning_ranks.py "$@" ;;
+  compat)
+    setup
+    exec "$PY" -m tests.compat "$@" ;;
   reliability)
     setup
     exec "$PY" -m tests.reliability.run "$@" ;;
   bench)
     setup
     exec "$PY" bench/run_all.py "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|reliability|bench}" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|reliability|bench}" >&2; exit 2 ;;
 esac
