@@ -64,10 +64,26 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             from the scheduler (Lightning's ``LightningCLI``,
             :class:`distplateau.lightning.DistributedPlateauCallback`). Unused by
             :meth:`step` itself. Default: ``None``.
+        stop_patience (int or None): early stopping: :attr:`should_stop` turns ``True``, on
+            every rank at the same step, once ``stop_patience`` steps in a row have not
+            improved ``best`` (by ``threshold``, as for the learning rate), however many
+            reductions happened meanwhile: Keras' and Lightning's ``EarlyStopping(patience=...)``
+            on the gathered global metric. A non-finite global metric counts as no improvement;
+            a step that the NaN policy skips does not count. ``None``: never. Default: ``None``.
+        warmup (int): the first ``warmup`` steps ramp the learning rates linearly from
+            ``warmup_start_factor`` times their value at construction up to that value (reached
+            at step ``warmup``); the plateau logic starts after them. During warmup every step
+            still gathers (NaN policy, checks and ``last_global_metric`` as usual) but changes
+            neither ``best``, ``num_bad_epochs``, ``cooldown_counter`` nor the stopping count.
+            ``last_epoch`` counts every step. Default: 0.
+        warmup_start_factor (float): the learning rates' factor at construction, when
+            ``warmup`` > 0; 1.0 holds the plateau logic off without a ramp. Default: 0.1.
 
     Attributes:
         last_global_metric (float or None): the value the parent's ``step`` saw last
             (NaN for a bad epoch forced by the NaN policy), for logging.
+        steps_since_best (int): steps since ``best`` last improved (warmup excluded); what
+            ``stop_patience`` counts.
         default_weight (float or None): this rank's weight when :meth:`step` is called
             without one (``None`` means 1). Per rank and per run: never saved in
             :meth:`state_dict`. :class:`distplateau.lightning.DistributedPlateauCallback`
@@ -105,6 +121,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         process_set: Any = None,
         group: Any = None,
         monitor: str | None = None,
+        stop_patience: int | None = None,
+        warmup: int = 0,
+        warmup_start_factor: float = 0.1,
     ) -> None:
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("nan_policy", nan_policy, NAN_POLICIES)
@@ -115,6 +134,12 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             raise ValueError(f"group is a torch.distributed argument; it cannot go with backend={backend!r}")
         if process_set is not None and group is not None:
             raise ValueError("pass process_set (Horovod) or group (torch.distributed), not both")
+        if stop_patience is not None and (not isinstance(stop_patience, int) or stop_patience < 1):
+            raise ValueError(f"stop_patience must be a whole number >= 1 or None; got {stop_patience!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a whole number of steps >= 0; got {warmup!r}")
+        if not 0 < warmup_start_factor <= 1:
+            raise ValueError(f"warmup_start_factor must be in (0, 1]; got {warmup_start_factor!r}")
         super().__init__(
             optimizer, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps  # type: ignore[arg-type]
         )
@@ -128,6 +153,14 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         self._gather: Gather | None = None
         self.monitor = monitor
         self.default_weight: SupportsFloat | Any = None
+        self.stop_patience = stop_patience
+        self.steps_since_best = 0
+        self.warmup = warmup
+        self.warmup_start_factor = warmup_start_factor
+        # The learning rates that warmup climbs to, saved with the state for a resumed run.
+        self.warmup_lrs = [float(group["lr"]) for group in optimizer.param_groups] if warmup else []
+        if warmup:
+            self._set_lrs([lr * warmup_start_factor for lr in self.warmup_lrs])
 
     def step(  # type: ignore[override]
         self, metrics: SupportsFloat | Any, weight: SupportsFloat | Any = None, epoch: int | None = None
@@ -176,7 +209,27 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         self.last_global_metric = value
         if math.isfinite(value):
             self.last_finite_metric = value
+        if self.last_epoch < self.warmup:
+            self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
+            done = min(self.last_epoch / self.warmup, 1.0)
+            start = self.warmup_start_factor
+            self._set_lrs([lr * (start + (1 - start) * done) for lr in self.warmup_lrs])
+            return
+        best = self.best
         super().step(value, epoch)
+        self.steps_since_best = 0 if self.best != best else self.steps_since_best + 1
+
+    @property
+    def should_stop(self) -> bool:
+        """``True`` once ``stop_patience`` steps in a row have not improved ``best``: the
+        same on every rank after every :meth:`step`, since it follows from the gathered
+        state. Always ``False`` without ``stop_patience``."""
+        return self.stop_patience is not None and self.steps_since_best >= self.stop_patience
+
+    def _set_lrs(self, lrs: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def fingerprint(self) -> float:
         """A 53-bit digest of the scheduler's state, settings and learning rates, as a float.
@@ -190,7 +243,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         numbers = (self.best, 0.0 if last is None else last, last is None, self.num_bad_epochs,
                    self.cooldown_counter, self.last_epoch, self.threshold, self.factor, self.patience,
                    self.cooldown, self.eps, len(self.min_lrs), *self.min_lrs,
-                   *[float(group["lr"]) for group in self.optimizer.param_groups])
+                   *[float(group["lr"]) for group in self.optimizer.param_groups],
+                   -1 if self.stop_patience is None else self.stop_patience, self.steps_since_best,
+                   self.warmup, self.warmup_start_factor, *self.warmup_lrs)
         names = (self.mode, self.threshold_mode, self.reduction, self.nan_policy)
         try:
             data = struct.pack(f"={len(numbers)}d", *numbers) + "\0".join(names).encode()
@@ -203,7 +258,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         """The scheduler's state as plain values (loadable with ``weights_only=True``).
 
         It holds what the parent's does plus ``reduction``, ``nan_policy``,
-        ``last_global_metric`` and ``last_finite_metric``; not the optimizer, the backend,
+        ``last_global_metric``, ``last_finite_metric``, the early-stopping and warmup settings
+        and counts (``stop_patience``, ``steps_since_best``, ``warmup``,
+        ``warmup_start_factor``, ``warmup_lrs``); not the optimizer, the backend,
         the process set or the group, which belong to the run, not to the checkpoint.
         """
         return {key: value for key, value in self.__dict__.items() if key not in _NOT_STATE}

@@ -447,6 +447,81 @@ def subset_group_gathers_only_its_ranks_and_names_global_ranks() -> None:
             raise AssertionError("a non-member stepped")
 
 
+# --- stopping together and warmup ----------------------------------------------------------
+def _shard_values(step: int) -> tuple[list[float], list[int]]:
+    """Every rank's local mean and sample count at ``step`` (the same on every rank): uneven
+    shards, and rank SIZE-1's metric NaN at steps 2 and 4. Binary fractions: exact sums."""
+    base = [3.0, 2.0, 1.5, 1.5, 1.25][step] if step < 5 else 1.25
+    values = [base + 0.25 * r for r in range(SIZE)]
+    if step in (2, 4):
+        values[-1] = math.nan
+    return values, [r + 1 for r in range(SIZE)]
+
+
+@check
+def every_rank_stops_at_the_same_step_with_nan_and_uneven_shards() -> None:
+    settings = dict(factor=0.5, patience=1, threshold=0.0, threshold_mode="abs", stop_patience=4)
+    s = make(**settings)
+    one = make(backend="none", **settings)  # one process fed the global means
+    steps = 0
+    while not s.should_stop:  # the loop users write: every rank must leave it at the same step
+        values, weights = _shard_values(steps)
+        with exactly_one_collective():
+            s.step(values[RANK], weight=weights[RANK])
+        finite = [(v, w) for v, w in zip(values, weights) if math.isfinite(v)]
+        one.step(math.fsum(v * w for v, w in finite) / math.fsum(w for _, w in finite))
+        steps += 1
+        assert s.should_stop == one.should_stop and s.get_last_lr() == one.get_last_lr(), steps
+        assert steps < 50, "never stopped"
+    assert steps == 9, steps  # best at step 5 (1.25), then 4 steps without improvement
+    assert len(set(gather_object(steps))) == 1
+    same_everywhere(s)
+
+
+@check
+def stopping_resumes_from_a_checkpoint_of_another_world_size() -> None:
+    settings = dict(factor=0.5, patience=1, stop_patience=3)
+    globals_ = [2.0, 1.0, 1.5, 1.5, 0.5, 0.75, 0.75, 0.75, 0.75]
+    uninterrupted = make(backend="none", **settings)
+    stop_at = next(i for i, g in enumerate(globals_, 1) if (uninterrupted.step(g), uninterrupted.should_stop)[1])
+    single = make(backend="none", **settings)  # the run that saved the checkpoint had one process
+    for g in globals_[:4]:
+        single.step(g)
+    buffer = io.BytesIO()
+    torch.save({"scheduler": single.state_dict(), "optimizer": single.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    s = make(**settings)
+    s.optimizer.load_state_dict(saved["optimizer"])
+    s.load_state_dict(saved["scheduler"])
+    step = 4
+    while not s.should_stop:
+        s.step(globals_[step] + 0.125 * (RANK - (SIZE - 1) / 2))  # equal weights: the mean is globals_[step]
+        step += 1
+    assert step == stop_at == 8, (step, stop_at)
+    assert s.get_last_lr() == uninterrupted.get_last_lr()
+    same_everywhere(s)
+
+
+@check
+def warmup_then_plateau_follows_a_ramp_then_torch_on_the_global_mean() -> None:
+    s = make(0.8, factor=0.5, patience=1, warmup=3, warmup_start_factor=0.25)
+    ref = reference(0.8, factor=0.5, patience=1)  # torch's own, from the end of warmup
+    globals_ = [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    for step, g in enumerate(globals_, 1):
+        with exactly_one_collective():
+            s.step(g + 0.125 * (RANK - (SIZE - 1) / 2))
+        if step <= 3:
+            assert math.isclose(s.get_last_lr()[0], 0.8 * (0.25 + 0.75 * step / 3), rel_tol=1e-12), step
+            assert s.best == math.inf and s.num_bad_epochs == 0
+        else:
+            ref.step(g)
+            matches_after_warmup = (s.get_last_lr(), s.best, s.num_bad_epochs) == (
+                ref.get_last_lr(), ref.best, ref.num_bad_epochs)
+            assert matches_after_warmup, (step, s.get_last_lr(), ref.get_last_lr())
+    same_everywhere(s)
+
+
 def main() -> None:
     results: dict[str, list[str | None]] = {}
     for fn in CHECKS:

@@ -205,6 +205,19 @@ def padded_sampler_gives_the_mean_over_the_dataset() -> dict[str, Any]:
             "sampler": type(sampler).__name__, "expected": sum(values) / len(values)}
 
 
+def stops_together() -> dict[str, Any]:
+    # The global mean stays BASE while rank 0's local loss worsens and rank 1's improves: an
+    # early stop decided per rank would stop rank 0 alone and leave rank 1 waiting.
+    trainer, h = fit(Model(scheduler_kwargs={"stop_patience": 2}), epochs=EPOCHS)
+    return {"should_stop": trainer.should_stop, "epochs_run": trainer.current_epoch, "lrs": h.lrs,
+            "state": scheduler_state(trainer)}
+
+
+def warmup_then_plateau() -> dict[str, Any]:
+    trainer, h = fit(Model(scheduler_kwargs={"warmup": 2, "warmup_start_factor": 0.5}), epochs=EPOCHS)
+    return {"lrs": h.lrs, "globals": h.globals, "state": scheduler_state(trainer)}
+
+
 def strict_false_metric_on_rank0_only() -> dict[str, Any]:
     trainer, h = fit(Model(log_on="rank0", strict=False), epochs=4)
     return {"lrs": h.lrs, "globals": h.globals, "state": scheduler_state(trainer)}
@@ -337,7 +350,7 @@ def world_size_1_checkpoint() -> dict[str, Any]:
 
 SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
     "ddp": [plain_torch_scheduler_diverges, class_swap_follows_global_schedule, sample_counts_weight_uneven_shards,
-            padded_sampler_gives_the_mean_over_the_dataset,
+            padded_sampler_gives_the_mean_over_the_dataset, stops_together, warmup_then_plateau,
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises],
@@ -345,7 +358,7 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
-                resume_same_world_size, resume_from_other_world_size,
+                resume_same_world_size, resume_from_other_world_size, stops_together, warmup_then_plateau,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises],
 }

@@ -146,6 +146,24 @@ def test_padded_validation_shards_give_the_mean_over_the_dataset(launch: Any) ->
     assert rank0["globals"] == rank1["globals"] == [pytest.approx(rank0["expected"], rel=1e-12)] * 2
 
 
+def test_early_stopping_stops_every_rank_at_the_same_epoch(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "stops_together")
+    # best at epoch 0, no improvement at epochs 1 and 2: stop after epoch 2 of 6, on both ranks
+    assert rank0["should_stop"] and rank1["should_stop"]
+    assert rank0["epochs_run"] == rank1["epochs_run"] == 3
+    assert rank0["lrs"] == rank1["lrs"] == torch_schedule([BASE] * 3)
+    assert rank0["state"] == rank1["state"]
+
+
+def test_warmup_then_plateau_follows_the_single_process_reference(launch: Any) -> None:
+    rank0, rank1 = scenario(launch, "warmup_then_plateau")
+    ramp = [0.1 * (0.5 + 0.5 * 1 / 2), 0.1]  # after the plateau steps of epochs 0 and 1
+    assert rank0["lrs"] == rank1["lrs"]
+    assert rank0["lrs"][:2] == pytest.approx(ramp, rel=1e-12)
+    assert rank0["lrs"][2:] == torch_schedule([BASE] * (len(DRIFT) - 2))
+    assert rank0["state"] == rank1["state"]
+
+
 # ------------------------------------------------------------------ item 6: strict=False
 
 

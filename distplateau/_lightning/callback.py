@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..decide import decide
@@ -64,6 +64,10 @@ class PlateauCallbackBase(_Callback):
       ``MisconfigurationException`` naming the ranks (a rank that validated no sample is not
       counted as missing it), and ``strict=False`` steps with the others' metrics, the ranks
       without it contributing weight 0;
+    * stops training on every rank, at the same epoch, once a scheduler built with
+      ``stop_patience`` says :attr:`~distplateau.DistributedReduceLROnPlateau.should_stop`
+      (``trainer.should_stop = True`` right after the plateau step, with no collective of its
+      own: every rank holds the same scheduler state);
     * makes a run resumed from a checkpoint saved at the end of an epoch (by
       ``ModelCheckpoint``, before that epoch's plateau step) continue exactly as the
       uninterrupted run: at save time every rank's metric and weight for the pending step
@@ -125,6 +129,13 @@ class PlateauCallbackBase(_Callback):
         compat.check(trainer)
         monitor_value = self._monitor_value
         self._undo.append(compat.on_monitor_lookup(trainer, lambda lookup, key: monitor_value(trainer, lookup, key)))
+        step = pl_module.lr_scheduler_step  # the LightningModule hook that steps each scheduler
+
+        def step_then_stop(scheduler: Any, metric: Any) -> None:
+            step(scheduler, metric)
+            _stop_if_asked(trainer, scheduler)
+
+        self._undo.append(compat.shadow(pl_module, "lr_scheduler_step", step_then_stop))
         if self.unpad_validation:
             self._undo.append(compat.after_validation_data_setup(trainer, lambda: _stop_padding(trainer)))
 
@@ -164,6 +175,7 @@ class PlateauCallbackBase(_Callback):
             scheduler = trainer.lr_scheduler_configs[int(index)].scheduler
             if isinstance(scheduler, DistributedReduceLROnPlateau):
                 _take_pending_step(scheduler, step["table"], trainer.global_rank)
+                _stop_if_asked(trainer, scheduler)
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._counting = 0
@@ -218,6 +230,15 @@ class PlateauCallbackBase(_Callback):
 
 def _ours(config: Any) -> bool:
     return isinstance(config.scheduler, DistributedReduceLROnPlateau)
+
+
+def _stop_if_asked(trainer: Any, scheduler: Any) -> None:
+    if isinstance(scheduler, DistributedReduceLROnPlateau) and scheduler.should_stop and not trainer.should_stop:
+        trainer.should_stop = True
+        rank_zero_info(
+            f"distplateau: no improvement of the global metric in the last {scheduler.steps_since_best} plateau "
+            f"steps (stop_patience={scheduler.stop_patience}); best {scheduler.best}. Stopping on every rank."
+        )
 
 
 def _dataloaders(loaders: Any) -> list[Any]:
