@@ -155,6 +155,7 @@ def case_strategy(draw: st.DrawFn, world: int, max_steps: int = 16) -> dict[str,
         "eps": draw(st.sampled_from([1e-8, 0.0, 1e-3])),
         "reduction": draw(st.sampled_from(REDUCTIONS)),
         "nan_policy": draw(st.sampled_from(NAN_POLICIES)),
+        "stop_patience": draw(st.one_of(st.none(), st.integers(1, 4))),
     }
     p_nonfinite = draw(st.sampled_from([0.0, 0.1, 0.3]))
     p_zero = draw(st.sampled_from([0.0, 0.2, 0.5]))

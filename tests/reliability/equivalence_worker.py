@@ -133,10 +133,11 @@ class Campaign:
     # --- part 1: equivalence ----------------------------------------------------------------
     def replay(self, index: int, case: dict[str, Any]) -> None:
         kw = case["kwargs"]
-        torch_kw = {k: v for k, v in kw.items() if k not in ("reduction", "nan_policy")}
+        torch_kw = {k: v for k, v in kw.items() if k not in ("reduction", "nan_policy", "stop_patience")}
         ours = DistributedReduceLROnPlateau(optimizer(case["lrs"]), **kw, backend=backend_for(index))
         ref = ReduceLROnPlateau(optimizer(case["lrs"]), **torch_kw)
         last_finite: float | None = None
+        since_best = 0  # the reference's steps without a new best: what stop_patience counts
         bad = False
         for t, row in enumerate(case["steps"]):
             value, weight, kind = row[RANK]
@@ -157,12 +158,16 @@ class Campaign:
                 ok = False
             else:
                 if want.value is not None:
+                    best = ref.best
                     ref.step(want.value)
+                    since_best = 0 if ref.best != best else since_best + 1
                     last_finite = want.value if math.isfinite(want.value) else last_finite
                     ok = repr(ours.last_global_metric) == repr(want.value)
                 else:
                     ok = repr(ours.last_global_metric) == repr(before_metric)
                 ok = ok and snapshot(ours) == snapshot(ref)
+            stop = kw.get("stop_patience") is not None and since_best >= kw["stop_patience"]
+            ok = ok and ours.steps_since_best == since_best and ours.should_stop == stop
             if not ok:
                 bad = True
                 self.mismatch(case=case["id"], step=t, rank=RANK, expected=want, raised=raised,
