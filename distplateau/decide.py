@@ -177,7 +177,9 @@ def check_same_state(table: Sequence[Row], ranks: Sequence[int]) -> None:
         f"scheduler state differs across ranks ({parts}): best, num_bad_epochs, "
         "cooldown_counter, last_epoch, settings or learning rates are not the same "
         "everywhere. Construct the scheduler with the same arguments on every rank and load "
-        "the same state_dict on every rank (not only on rank 0)."
+        "the same state_dict on every rank (not only on rank 0); to give every rank rank "
+        f"{ranks[0]}'s scheduler state and learning rates now, call "
+        f"scheduler.sync_state(src={ranks[0]}) on every rank."
     )
 
 

@@ -1,8 +1,10 @@
 """One collective per step: the per-backend adapters that gather every rank's record.
 
 Each adapter does exactly one collective in ``__call__`` and nothing else, and returns the
-table as a list of rows in rank order. Horovod and torch.distributed are imported only
-when their adapter is built, so ``import distplateau`` imports neither.
+table as a list of rows in rank order; ``broadcast`` (for ``sync_state``) is likewise one
+collective. Horovod and torch.distributed are imported only when their adapter is built, so
+``import distplateau`` imports neither. :func:`world` says, without a collective, whether an
+adapter still fits the job after an elastic reset.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Literal, Protocol, get_args
 
 import torch
 
-__all__ = ["Backend", "BACKENDS", "Gather", "LocalGather", "TorchGather", "HorovodGather", "select"]
+__all__ = ["Backend", "BACKENDS", "BROADCAST_BYTES", "Gather", "LocalGather", "TorchGather", "HorovodGather",
+           "resolve", "select", "world"]
 
 Backend = Literal["auto", "horovod", "torch", "none"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -25,6 +28,12 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 HOROVOD_OP_NAME = "distplateau.step"
 # Seconds a Horovod step() may wait for the other ranks; unset: no limit (Horovod's own behaviour).
 TIMEOUT_ENV = "DISTPLATEAU_HOROVOD_TIMEOUT_S"
+#: Most bytes ``broadcast`` carries. Every rank must pass a buffer of the same size to a
+#: broadcast, and only the source knows its payload's length, so the payload travels in a
+#: buffer of this fixed size: one collective instead of a length broadcast plus a data
+#: broadcast. A scheduler's state as JSON is ~0.5 KB plus ~40 bytes per parameter group.
+BROADCAST_BYTES = 1 << 20
+_LENGTH = struct.Struct("<q")  # the payload's length, at the head of the broadcast buffer
 
 
 class Gather(Protocol):
@@ -35,6 +44,25 @@ class Gather(Protocol):
     ranks: tuple[int, ...]  #: global rank of each row, for messages
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]: ...
+
+    def broadcast(self, data: bytes, src: int) -> bytes:
+        """Global rank ``src``'s ``data`` (at most :data:`BROADCAST_BYTES`), on every rank; other
+        ranks' ``data`` is ignored."""
+        ...
+
+
+def _frame(data: bytes) -> bytearray:
+    if len(data) > BROADCAST_BYTES:
+        raise ValueError(f"broadcast carries at most {BROADCAST_BYTES} bytes, not {len(data)}")
+    buffer = bytearray(_LENGTH.size + BROADCAST_BYTES)
+    _LENGTH.pack_into(buffer, 0, len(data))
+    buffer[_LENGTH.size : _LENGTH.size + len(data)] = data
+    return buffer
+
+
+def _unframe(buffer: bytes) -> bytes:
+    (length,) = _LENGTH.unpack_from(buffer, 0)
+    return bytes(buffer[_LENGTH.size : _LENGTH.size + length])
 
 
 class LocalGather:
@@ -48,6 +76,9 @@ class LocalGather:
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         return (record,)
+
+    def broadcast(self, data: bytes, src: int) -> bytes:
+        return data
 
 
 class TorchGather:
@@ -110,6 +141,13 @@ class TorchGather:
         # this thread, not gloo's, the one that frees it.
         TorchGather._last_work = work
 
+    def broadcast(self, data: bytes, src: int) -> bytes:
+        buffer = torch.frombuffer(_frame(data), dtype=torch.uint8).to(self._device)
+        work = torch.distributed.broadcast(buffer, src=src, group=self._group, async_op=True)
+        work.wait()
+        TorchGather._last_work = work  # as in _gather_into
+        return _unframe(buffer.cpu().numpy().tobytes())
+
 
 class HorovodGather:
     """``horovod.torch.allgather`` of one float64 record per rank of a process set.
@@ -143,18 +181,29 @@ class HorovodGather:
             table = self._hvd.allgather(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
             return table.tolist()
         handle = self._hvd.allgather_async(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
+        return self._wait(handle, "step()").tolist()
+
+    def broadcast(self, data: bytes, src: int) -> bytes:
+        buffer = torch.frombuffer(_frame(data), dtype=torch.uint8)
+        handle = self._hvd.broadcast_async_(buffer, root_rank=src, name="distplateau.sync_state",
+                                            process_set=self._process_set)
+        return _unframe(self._wait(handle, "sync_state()").numpy().tobytes())
+
+    def _wait(self, handle: Any, call: str) -> torch.Tensor:
+        if self._timeout is None:
+            return self._hvd.synchronize(handle)
         deadline = time.monotonic() + self._timeout
         while not self._hvd.poll(handle):
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"step() waited {self._timeout:g}s ({TIMEOUT_ENV}) on Horovod rank "
+                    f"{call} waited {self._timeout:g}s ({TIMEOUT_ENV}) on Horovod rank "
                     f"{self._hvd.rank()} for the other ranks of its process set: some rank did not "
-                    "call step() (it skipped one, stopped early, or is in another collective). Call "
-                    f"step() on every rank the same number of times, or raise {TIMEOUT_ENV} if "
+                    f"call {call} (it skipped one, stopped early, or is in another collective). Call "
+                    f"{call} on every rank the same number of times, or raise {TIMEOUT_ENV} if "
                     "validation on some rank is just slow."
                 )
             time.sleep(0.001)
-        return self._hvd.synchronize(handle).tolist()
+        return self._hvd.synchronize(handle)
 
 
 def _horovod_initialized() -> bool:
@@ -166,20 +215,48 @@ def _torch_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def resolve(backend: Backend, *, process_set: Any = None, group: Any = None) -> Backend:
+    """The backend ``"auto"`` stands for now: the first initialized of Horovod,
+    torch.distributed, and a single process; any other backend as it is."""
+    if backend != "auto":
+        return backend
+    if process_set is not None or _horovod_initialized():
+        return "horovod"
+    if group is not None or _torch_initialized():
+        return "torch"
+    return "none"
+
+
+def world(backend: Backend, *, process_set: Any = None, group: Any = None) -> tuple[Any, ...]:
+    """What an adapter for ``backend`` (not ``"auto"``) depends on, read without a collective:
+    this process's rank in the group and the group's size (and, under Horovod, the process
+    set's id). A reset of Horovod elastic (``shutdown()`` then ``init()``) or a process group
+    created again changes it; an adapter built for another value must be built again.
+    About 1 us under Horovod or torch.distributed; ``()`` for ``"none"``, whose world of one
+    process never changes (callers skip the check: it would cost a third of a single-process
+    step).
+    """
+    if backend == "horovod" and _horovod_initialized():
+        hvd = sys.modules["horovod.torch"]
+        members = hvd.global_process_set if process_set is None else process_set
+        if not members.included():  # rank() would raise; select() says what is wrong
+            return backend, members.process_set_id
+        return backend, members.process_set_id, members.rank(), members.size()
+    if backend == "torch" and _torch_initialized():
+        return backend, torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    if backend == "none":
+        return ()
+    return (backend,)  # not initialized: select() says so
+
+
 def select(backend: Backend, *, process_set: Any = None, group: Any = None) -> Gather:
-    """Build the adapter for ``backend``; ``"auto"`` picks the first initialized of
-    Horovod, torch.distributed, and a single process. A group of one rank gathers locally.
+    """Build the adapter for ``backend``; ``"auto"`` picks as :func:`resolve` does. A group
+    of one rank gathers locally.
 
     Raises:
         RuntimeError: the requested backend is not initialized.
     """
-    if backend == "auto":
-        if process_set is not None or _horovod_initialized():
-            backend = "horovod"
-        elif group is not None or _torch_initialized():
-            backend = "torch"
-        else:
-            backend = "none"
+    backend = resolve(backend, process_set=process_set, group=group)
     gather: Gather
     if backend == "none":
         return LocalGather()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import logging
 import math
 import struct
@@ -12,7 +14,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .decide import NAN_POLICIES, REDUCTIONS, NanPolicy, Reduction, decide
-from .gather import BACKENDS, Backend, Gather, select
+from .elastic import register_horovod_handler
+from .gather import BACKENDS, BROADCAST_BYTES, Backend, Gather, resolve, select, world
 from .record import make_record
 
 __all__ = ["DistributedReduceLROnPlateau"]
@@ -21,6 +24,7 @@ logger = logging.getLogger("distplateau")
 
 # Deployment, not state: never saved, never restored from a checkpoint.
 _NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather", "default_weight"})
+_DEPLOYMENT = ("backend", "default_weight", "_process_set", "_group")  # what pickle and copies keep of it
 _FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
 
 
@@ -57,7 +61,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             record low). Default: ``"drop"``.
         backend (str): ``"auto"`` (Horovod if ``horovod.torch`` is initialized, else
             torch.distributed if initialized, else a single process), ``"horovod"``,
-            ``"torch"`` or ``"none"``. Chosen at the first :meth:`step`. Default: ``"auto"``.
+            ``"torch"`` or ``"none"``. Chosen at the first :meth:`step`; the group's size
+            and ranks are read again after an elastic reset. Default: ``"auto"``.
         process_set: Horovod process set to gather over. Default: all ranks.
         group: torch.distributed process group to gather over. Default: the world.
         monitor (str or None): name of the metric to step on, for frameworks that read it
@@ -102,6 +107,12 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         >>> scheduler.best, scheduler.last_global_metric
         (0.5, 0.5)
     """
+
+    # Deployment lives in slots, outside __dict__: torch documents state_dict() as every
+    # variable of __dict__ but the optimizer, and a scheduler rebuilt from a state dict must
+    # equal the original there. The gather adapter, and the world it was built for, belong
+    # to this process: pickle and copies leave them out (__getstate__).
+    __slots__ = ("backend", "default_weight", "_process_set", "_group", "_gather", "_gather_world")
 
     def __init__(
         self,
@@ -151,6 +162,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         self._process_set = process_set
         self._group = group
         self._gather: Gather | None = None
+        self._gather_world: tuple[Any, ...] = ()
+        register_horovod_handler()  # if Horovod is imported: TorchState keeps this live object
         self.monitor = monitor
         self.default_weight: SupportsFloat | Any = None
         self.stop_patience = stop_patience
@@ -182,9 +195,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             RuntimeError: on every rank, if the ranks' scheduler states differ.
             FloatingPointError: on every rank, with ``nan_policy="raise"``.
         """
-        gather = self._gather
-        if gather is None:
-            gather = self._gather = select(self.backend, process_set=self._process_set, group=self._group)
+        gather = self._adapter()
         if weight is None:
             weight = self.default_weight
         fingerprint = self.fingerprint() if gather.size > 1 else 0.0
@@ -278,6 +289,95 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         _check_choice("reduction", state.get("reduction", self.reduction), REDUCTIONS)
         _check_choice("nan_policy", state.get("nan_policy", self.nan_policy), NAN_POLICIES)
         super().load_state_dict(state)
+
+    def sync_state(self, src: int = 0) -> None:
+        """Give every rank the scheduler state and learning rates of rank ``src``.
+
+        The repair for ``RuntimeError: scheduler state differs across ranks``, e.g. after a
+        checkpoint was loaded on one rank only or when a worker joined late. Call it on every
+        rank of the scheduler's group, like :meth:`step`: rank ``src`` sends its
+        :meth:`state_dict` and its optimizer's learning rates as JSON (plain values; nothing
+        is unpickled) in one broadcast, and every other rank loads them into its own
+        scheduler and optimizer. The model and the optimizer's other state (momentum, ...)
+        are not touched: broadcast those as usual (``hvd.broadcast_parameters`` and
+        ``hvd.broadcast_optimizer_state``; DDP does the model at construction).
+
+        Args:
+            src: the global rank to copy, a member of the scheduler's group. Default: 0.
+
+        Raises:
+            ValueError: on every rank, if ``src`` is not in the group (before the broadcast)
+                or rank ``src``'s state cannot be sent; on a rank whose optimizer has another
+                number of parameter groups than rank ``src``'s (its scheduler is unchanged).
+        """
+        gather = self._adapter()
+        if src not in gather.ranks:
+            raise ValueError(f"sync_state(src={src}): rank {src} is not in this scheduler's group "
+                             f"(ranks {', '.join(map(str, gather.ranks))}); pass one of them")
+        rank = gather.ranks[gather.index]
+        sent = gather.broadcast(self._state_message(src) if rank == src else b"", src)
+        message = json.loads(sent)
+        if "error" in message:
+            raise ValueError(message["error"])
+        if rank == src:
+            return
+        lrs = message["lrs"]
+        if len(lrs) != len(self.optimizer.param_groups):
+            raise ValueError(f"sync_state(src={src}): rank {src}'s optimizer has {len(lrs)} parameter groups, "
+                             f"rank {rank}'s has {len(self.optimizer.param_groups)}; build the same optimizer "
+                             "on every rank")
+        self.load_state_dict(message["state"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+    def _state_message(self, src: int) -> bytes:
+        # An unsendable state still goes out, as an error every rank raises: rank src raising
+        # before the broadcast would leave the other ranks waiting in it.
+        try:
+            text = json.dumps({"state": self.state_dict(),
+                               "lrs": [float(group["lr"]) for group in self.optimizer.param_groups]})
+        except (TypeError, ValueError) as err:
+            text = json.dumps({"error": f"sync_state(src={src}): rank {src}'s state is not plain values: {err}"})
+        if len(text) > BROADCAST_BYTES:
+            text = json.dumps({"error": f"sync_state(src={src}): rank {src}'s state is {len(text)} bytes as "
+                                        f"JSON, more than the {BROADCAST_BYTES} one broadcast carries"})
+        return text.encode()
+
+    def _adapter(self) -> Gather:
+        """The gather adapter for this process's current world: built at the first use, and
+        again when the world changed (a Horovod elastic reset), so that a step never gathers
+        with a stale size, rank or process set."""
+        gather = self._gather
+        built_for = self._gather_world
+        if gather is None or (built_for and world(built_for[0], process_set=self._process_set,
+                                                  group=self._group) != built_for):
+            backend = resolve(self.backend, process_set=self._process_set, group=self._group)
+            built_for = world(backend, process_set=self._process_set, group=self._group)
+            gather = select(backend, process_set=self._process_set, group=self._group)
+            self._gather, self._gather_world = gather, built_for
+        return gather
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What pickle and copies carry: the state, the optimizer and the deployment settings.
+        # Not the adapter: a copy builds its own at its first step, for its process and world.
+        return {**self.__dict__, **{name: getattr(self, name) for name in _DEPLOYMENT}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for name in _DEPLOYMENT:
+            setattr(self, name, state.pop(name))
+        self.__dict__.update(state)
+        self._gather, self._gather_world = None, ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DistributedReduceLROnPlateau:
+        # A process set or group names a communicator of this process: the copy shares it, as
+        # copy.copy does (a torch.distributed group cannot be copied at all).
+        for handle in (self._process_set, self._group):
+            memo[id(handle)] = handle
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

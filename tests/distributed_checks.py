@@ -11,12 +11,14 @@ real functions and call through.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import io
 import json
 import logging
 import math
 import os
+import pickle
 import sys
 import traceback
 from collections.abc import Callable
@@ -42,7 +44,7 @@ if BACKEND == "horovod":
     gather_object: Callable[[Any], list[Any]] = hvd.allgather_object
     _module: Any = hvd
     _collectives = ["allgather", "allreduce", "allreduce_", "broadcast", "broadcast_", "alltoall",
-                    "grouped_allreduce", "reducescatter", "barrier", "join",
+                    "grouped_allreduce", "reducescatter", "barrier", "join", "broadcast_async_",
                     "allgather_object", "broadcast_object"]
 else:
     import torch.distributed as dist
@@ -408,6 +410,161 @@ def state_dict_round_trips_with_weights_only_and_accepts_plain_torch_state() -> 
     same_everywhere(ours)
 
 
+# --- torch's state contract, copies, repair and Horovod elastic state ---------------------------
+def attributes(s: ReduceLROnPlateau) -> dict[str, str]:
+    """Every attribute but the optimizer (``__dict__`` and our deployment slots), as exact reprs."""
+    names = [*vars(s), *(getattr(s, "__slots__", ()))]
+    return {name: repr(getattr(s, name, None)) for name in names if name not in ("optimizer", "_gather",
+                                                                                 "_gather_world")}
+
+
+@check
+def state_dict_round_trip_restores_every_attribute() -> None:
+    kwargs = dict(mode="max", factor=0.5, patience=1, cooldown=1, min_lr=0.01, reduction="max", nan_policy="last")
+    for steps in (0, 1, 6):
+        s = make(**kwargs)
+        for t in range(steps):
+            s.step(math.nan if t == 2 and RANK == 0 else float(RANK + t % 3))
+        # torch documents state_dict() as every variable of __dict__ but the optimizer
+        assert set(vars(s)) - {"optimizer"} == set(s.state_dict()), sorted(set(vars(s)) ^ set(s.state_dict()))
+        rebuilt = make()  # other settings: every one of them comes from the state dict
+        rebuilt.load_state_dict(s.state_dict())
+        assert attributes(rebuilt) == attributes(s), (steps, attributes(rebuilt), attributes(s))
+        assert (rebuilt.get_last_lr(), rebuilt._last_lr, rebuilt.last_epoch) == (s.get_last_lr(), s._last_lr,
+                                                                                  s.last_epoch)
+        rebuilt.optimizer.load_state_dict(s.optimizer.state_dict())
+        for value in (3.0, 1.0, 0.5):
+            s.step(value + RANK)
+            rebuilt.step(value + RANK)
+            assert attributes(rebuilt) == attributes(s)
+        same_everywhere(rebuilt)
+
+
+@check
+def copies_and_unpickled_schedulers_gather_in_their_own_process() -> None:
+    s = make(patience=1)
+    s.step(float(RANK))
+    s.step(float(RANK) + 1)
+    mine = pickle.dumps(s)
+    rank0s = gather_object(mine)[0]  # what Horovod's TorchState does with an object it has no handler for
+    clones = {"copy": copy.copy(s), "deepcopy": copy.deepcopy(s), "pickle": pickle.loads(mine),
+              "rank 0's pickle": pickle.loads(rank0s)}
+    assert clones["copy"].optimizer is s.optimizer and clones["deepcopy"].optimizer is not s.optimizer
+    for name, clone in clones.items():
+        assert clone._gather is None and clone.state_dict() == s.state_dict(), name
+        with exactly_one_collective():
+            clone.step(2.0 * RANK)
+        assert (clone._gather.size, clone._gather.index) == (SIZE, RANK), name
+        assert clone.last_global_metric == math.fsum(2.0 * r for r in range(SIZE)) / SIZE, name
+        same_everywhere(clone)
+    if SUBSET is not None and RANK in SUBSET:  # a copy shares the process set / group handle
+        key = "process_set" if BACKEND == "horovod" else "group"
+        t = make(**{key: _subset_handle})
+        t.step(1.0)
+        for clone in (copy.copy(t), copy.deepcopy(t)):
+            assert getattr(clone, "_" + key) is _subset_handle
+            clone.step(float(RANK))
+            assert clone._gather.ranks == tuple(SUBSET)
+            assert clone.last_global_metric == math.fsum(map(float, SUBSET)) / len(SUBSET)
+
+
+@check
+def sync_state_repairs_diverged_state_in_one_collective() -> None:
+    s = make(patience=2)
+    s.step(1.0)
+    s.step(2.0)
+    good, good_lr = s.state_dict(), s.optimizer.param_groups[0]["lr"]
+    if RANK == 1:  # only rank 1 loaded an older checkpoint, with its learning rate
+        s.load_state_dict({**good, "num_bad_epochs": 0, "best": 5.0, "nan_policy": "skip"})
+        s.optimizer.param_groups[0]["lr"] = 0.25
+    raises_everywhere(lambda: s.step(1.0), RuntimeError, "scheduler state differs", "scheduler.sync_state(src=0)")
+    with exactly_one_collective():
+        s.sync_state(src=0)
+    assert s.state_dict() == good and s.optimizer.param_groups[0]["lr"] == good_lr
+    s.step(3.0)
+    assert s.num_bad_epochs == 2
+    same_everywhere(s)
+
+    # a worker that joined late: a fresh scheduler on the last rank; copy the last rank's instead
+    late = make(patience=2)
+    for value in (1.0, 0.5, 0.7):
+        late.step(value)
+    if RANK == SIZE - 1:
+        late = make(patience=2, nan_policy="zero")
+    with exactly_one_collective():
+        late.sync_state(src=SIZE - 1)
+    assert late.last_epoch == 0 and late.nan_policy == "zero" and late.best == math.inf
+    same_everywhere(late)
+
+    before = CALLS["n"]
+    try:
+        late.sync_state(src=SIZE)
+    except ValueError as err:
+        assert f"rank {SIZE} is not in this scheduler's group" in str(err), err
+    else:
+        raise AssertionError("sync_state accepted a rank outside the group")
+    assert CALLS["n"] == before, "a refused sync_state must not start a collective"
+
+    if SUBSET is not None and RANK in SUBSET:
+        key = "process_set" if BACKEND == "horovod" else "group"
+        t = make(**{key: _subset_handle})
+        t.step(float(RANK))
+        if RANK == SUBSET[0]:
+            t.load_state_dict({**t.state_dict(), "last_epoch": 9})
+        t.sync_state(src=SUBSET[-1])
+        assert t.last_epoch == 1
+        t.step(1.0)
+
+
+@check
+def horovod_elastic_state_keeps_the_live_schedulers() -> None:
+    if BACKEND != "horovod":
+        return
+    from horovod.torch.elastic.state import get_handler_registry
+
+    from distplateau.elastic import SchedulerStateHandler
+
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ours, plain = DistributedReduceLROnPlateau(opt, patience=0), ReduceLROnPlateau(opt, patience=0)
+    assert (ReduceLROnPlateau, SchedulerStateHandler) in get_handler_registry()  # constructing ours did it
+    if RANK != 0:  # as on a worker that joined late
+        ours.load_state_dict({**ours.state_dict(), "best": 7.0, "last_epoch": 3})
+        plain.best, plain.last_epoch = 7.0, 3
+        opt.param_groups[0]["lr"] = 0.5
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, scheduler=ours, plain=plain, epoch=0)
+    state.sync()
+    assert state.scheduler is ours and state.plain is plain and ours.optimizer is opt and plain.optimizer is opt
+    assert (ours.best, ours.last_epoch, plain.best, plain.last_epoch, opt.param_groups[0]["lr"]) == (
+        math.inf, 0, math.inf, 0, 1.0)
+    same_everywhere(ours)
+    same_everywhere(plain)
+
+    ours.step(1.0)
+    plain.step(1.0)
+    state.commit()
+    committed = (snapshot(ours), snapshot(plain))
+    for value in (2.0, 3.0):  # patience 0: both reduce the learning rate, then fail to commit
+        ours.step(value)
+        plain.step(value)
+    assert opt.param_groups[0]["lr"] < 0.1
+    state.restore()  # what hvd.elastic.run does after a HorovodInternalError
+    assert (snapshot(ours), snapshot(plain)) == committed and opt.param_groups[0]["lr"] == 1.0
+    ours.step(2.0)
+    same_everywhere(ours)
+
+    # Without the handler, TorchState sends the scheduler by pickling it: on every rank but 0
+    # state.scheduler becomes a copy driving a copy of the optimizer (the bug this fixes).
+    registry = get_handler_registry()
+    registry.remove((ReduceLROnPlateau, SchedulerStateHandler))
+    try:
+        bare = hvd.elastic.TorchState(model=model, optimizer=opt, scheduler=plain)
+    finally:
+        registry.append((ReduceLROnPlateau, SchedulerStateHandler))
+    bare.sync()
+    assert (bare.scheduler is plain) == (RANK == 0) and (bare.scheduler.optimizer is opt) == (RANK == 0)
+
+
 # --- contract 6: backends, process sets and groups -------------------------------------------
 @check
 def auto_backend_finds_the_initialized_one_and_none_gathers_nothing() -> None:
@@ -530,7 +687,9 @@ def main() -> None:
             err = None
         except Exception:
             err = traceback.format_exc()
-        results[fn.__name__] = gather_object(err)
+        # Always a str: Horovod names allgather_object after the type, and ranks gathering
+        # None and str would wait for each other forever.
+        results[fn.__name__] = [e or None for e in gather_object(err or "")]
         if RANK == 0:
             with open(OUT + ".tmp", "w") as f:
                 json.dump({"size": SIZE, "backend": BACKEND, "results": results}, f)

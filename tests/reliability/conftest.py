@@ -8,9 +8,12 @@ import pytest
 
 from tests.launch import horovodrun_available
 from tests.reliability.campaign import Result
+from tests.reliability.elastic import Elastic
 
 #: Every Result a reliability test produced in this session, for the terminal summary.
 RESULTS: list[Result] = []
+#: Likewise for the elastic launches.
+ELASTIC: list[Elastic] = []
 
 
 def require(backend: str) -> None:
@@ -19,6 +22,12 @@ def require(backend: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if ELASTIC:
+        terminalreporter.write_sep("-", "elastic")
+        for e in ELASTIC:
+            terminalreporter.write_line(
+                f"{e.name}: {e.epochs} epochs committed, resets survived {e.resets}, workers killed {e.killed}, "
+                f"mismatches {e.mismatches}; recovery " + ", ".join(f"{label} {s:.2f}s" for label, s in e.recoveries))
     if not RESULTS:
         return
     cases = sum(r.cases for r in RESULTS)

@@ -7,7 +7,10 @@ Runs the property-based equivalence campaign (hypothesis-drawn schedules, world 
 torch gloo and Horovod) with faults (c) bad input and (e) altered state on every launch, then
 (a) SIGKILL, (b) a skipped step and (d) checkpoints across world sizes. Prints one row per
 launch and a total: cases run, faults injected, mismatches (must be 0), longest time to
-error after a fault. Exits 1 if anything went wrong. ``--json PATH`` keeps the rows.
+error after a fault. Then elastic training (``tests/reliability/elastic.py``): Horovod elastic
+through 12 resets with 4 workers SIGKILLed, and torchrun restarts at 2, 3, 1 and 4 workers;
+their rows give resets survived, workers killed, mismatches and the recovery times. Exits 1 if
+anything went wrong. ``--json PATH`` keeps the rows.
 
 One row is a measurement, not a check: under Horovod without ``DISTPLATEAU_HOROVOD_TIMEOUT_S``,
 a skipped step followed by another collective hangs (Horovod has no per-operation timeout; its
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 from tests.launch import horovodrun_available
-from tests.reliability import campaign
+from tests.reliability import campaign, elastic
 
 EQUIVALENCE = [("none", 1, 400), ("torch", 2, 300), ("torch", 3, 300), ("torch", 4, 250),
                ("horovod", 2, 250), ("horovod", 3, 200), ("horovod", 4, 150)]
@@ -87,17 +90,37 @@ def main(argv: list[str] | None = None) -> int:
                 measured.append(hang)
                 outcome = "hung (documented)" if math.isinf(hang.longest_error_s) else "ended"
                 print(f"{hang.name + ' [measured]':<66} {'':>6} {1:>6} {'':>4} {outcome:>9} {hang.wall_s:>7.1f}s")
+        print()
+        print(f"{'elastic launch':<40} {'epochs':>6} {'resets':>6} {'killed':>6} {'mism':>4} {'recovery':>9} "
+              f"{'wall':>8}")
+        elastic_rows = []
+        if "horovod" in backends:
+            elastic_rows.append(elastic.horovod(tmp, elastic.LONG_PLAN, timeout=600))
+        elastic_rows.append(elastic.torchrun(tmp, elastic.LONG_TORCHRUN, timeout=300))
+        for e in elastic_rows:
+            status = "ok" if not e.problems else "FAILED"
+            print(f"{e.name:<40} {e.epochs:>6} {e.resets:>6} {e.killed:>6} {e.mismatches:>4} "
+                  f"{e.longest_recovery_s:>8.2f}s {e.wall_s:>7.1f}s  {status}", flush=True)
+            for label, seconds in e.recoveries:
+                print(f"    {label}: {seconds:.2f}s")
+            for line in e.problems[:5]:
+                print("    " + line[:400].replace("\n", "\n    "), flush=True)
     cases = sum(r.cases for r in rows)
     faults = sum(r.faults for r in rows)
     mismatches = sum(r.mismatches for r in rows)
     longest = max(r.longest_error_s for r in rows)
-    failed = [r.name for r in rows if r.problems or r.fault_problems]
+    failed = [r.name for r in rows if r.problems or r.fault_problems] + [e.name for e in elastic_rows if e.problems]
+    mismatches += sum(e.mismatches for e in elastic_rows)
     print()
     print(f"cases run: {cases}   faults injected: {faults}   mismatches: {mismatches}   "
           f"longest time to error after a fault: {longest:.2f}s   failed launches: {len(failed)}")
+    print(f"elastic: resets survived {sum(e.resets for e in elastic_rows)}   workers killed "
+          f"{sum(e.killed for e in elastic_rows)}   longest recovery "
+          f"{max(e.longest_recovery_s for e in elastic_rows):.2f}s")
     if args.json:
         args.json.write_text(json.dumps({"seed": args.seed, "rows": [dataclasses.asdict(r) for r in rows],
-                                         "measured": [dataclasses.asdict(r) for r in measured]}, indent=1))
+                                         "measured": [dataclasses.asdict(r) for r in measured],
+                                         "elastic": [dataclasses.asdict(e) for e in elastic_rows]}, indent=1))
     return 1 if failed or mismatches else 0
 
 
