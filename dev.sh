@@ -10,6 +10,8 @@
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
 #   bash dev.sh reliability  the full reliability campaign on real ranks (~5 min idle), summary table
 #   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~2.5 min), Markdown tables
+#   bash dev.sh multinode  2 "hosts" x 2 ranks on network namespaces (root): torchrun, horovodrun, Lightning,
+#                       network faults (link down, loss, freeze) with a summary table (~15 min)
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
 # later runs reuse it.
 set -euo pipefail
@@ -66,5 +68,8 @@ case "$cmd" in
   bench)
     setup
     exec "$PY" bench/run_all.py "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|reliability|bench}" >&2; exit 2 ;;
+  multinode)
+    setup
+    exec "$PY" -m tests.multinode "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|reliability|bench|multinode}" >&2; exit 2 ;;
 esac
