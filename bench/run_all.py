@@ -2,7 +2,9 @@
 
 Prints Markdown tables (the ones in ``docs/benchmarks.md``): the single-process hot path,
 the import cost, and, on 2, 3 and 4 real ranks under horovodrun and torch.distributed gloo,
-our ``step`` against one bare collective and against the alternatives a user could write.
+our ``step`` against one bare collective and against the alternatives a user could write;
+and, on 2 ranks, the epoch time of one model under ``Trainer(strategy="horovod")``, a raw
+Horovod loop and ``Trainer(strategy="ddp")`` (``bench/strategy.py``).
 Each multi-rank run is launched here with a hard timeout; a run that fails or hangs is
 reported in the tables and makes the exit status 1, it never stalls the command.
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bench import import_cost, local_step  # noqa: E402
+from bench import import_cost, local_step, strategy  # noqa: E402
 from bench.abtest import format_table  # noqa: E402
 from tests.launch import horovodrun_available, run_horovod, run_torch  # noqa: E402
 
@@ -78,6 +80,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["torch", "horovod"])
     parser.add_argument("--blocks", type=int, default=15, help="A/B blocks per multi-rank comparison")
     parser.add_argument("--iters", type=int, default=20, help="calls of each variant per block")
+    parser.add_argument("--strategy-blocks", type=int, default=5,
+                        help="blocks of the strategy benchmark (one fit per configuration each)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per multi-rank launch")
     parser.add_argument("--out", help="also write the Markdown to this file")
     args = parser.parse_args()
@@ -138,6 +142,14 @@ def main() -> None:
         emit("Design: the bare collective, allgather of the record vs allreduce of the same information",
              format_table(["backend", "ranks", "collective", "us per call", "time / allgather (median)",
                            "min-max"], design_rows))
+    if "horovod" in args.backends and strategy.available():
+        t0 = time.monotonic()
+        costs = strategy.measure(args.strategy_blocks, args.timeout)
+        print(f"(strategy, 2 ranks: {time.monotonic() - t0:.0f} s)", flush=True)
+        failed |= isinstance(costs, str)
+        emit(f"What the strategy costs: epoch time on 2 ranks (target: `strategy=\"horovod\"` at most "
+             f"{strategy.TARGET:.2f}x the raw Horovod loop)",
+             f"strategy benchmark {costs}" if isinstance(costs, str) else strategy.table(costs))
     print(f"(all benchmarks: {time.monotonic() - started:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:
