@@ -14,11 +14,12 @@ number of steps) once under each configuration, in an order that rotates from bl
 * ``ddp``: ``Trainer(strategy="ddp")``, Lightning's ``DDPStrategy`` on the gloo group.
 
 An epoch's time runs from the start of one epoch to the start of the next (the end of
-training for the last one), on rank 0; the ranks wait for each other in every step's
-allreduce. The first epoch of every fit is warmup and is not timed. Start-up (``Trainer()``
-and ``fit`` up to the first epoch; for the raw loop, wrapping the optimizer, the broadcasts
-and building the sampler and loader) is timed separately. Rank 0 writes every time and
-every check to ``OUT.json``; ``bench/strategy.py`` turns them into the table.
+training for the last one), a step's from the start of one batch to the next, on rank 0; the
+ranks wait for each other in every step's allreduce. The first epoch of every fit is warmup
+and is not timed. Start-up (``Trainer()`` and ``fit`` up to the first epoch; for the raw
+loop, wrapping the optimizer, the broadcasts and building the sampler and loader) is timed
+separately. Rank 0 writes every time and every check to ``OUT.json``; ``bench/strategy.py``
+turns them into the table.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ import distplateau.lightning  # noqa: E402  (registers strategy="horovod")
 CONFIGS = ("raw", "horovod", "ddp")
 FEATURES, HIDDEN, CLASSES = 256, 1024, 10  # 1,323,018 parameters
 LR, MOMENTUM = 0.01, 0.9
-
-warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available|TPU available|LOCAL_RANK).*")
 
 
 def mlp() -> torch.nn.Module:
@@ -212,7 +211,7 @@ def fit_raw(data: TensorDataset, batch_size: int, epochs: int) -> dict[str, Any]
             loss.backward()
             optimizer.step()
     clock.end = time.perf_counter()
-    return {**clock.times(start), "weights": torch.nn.utils.parameters_to_vector(model.parameters()).detach()}
+    return {**clock.times(start), "weights": torch.nn.utils.parameters_to_vector(model.parameters())}
 
 
 def machine_cpu_s() -> float:
@@ -273,6 +272,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="steps per epoch on every rank")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available|TPU available|LOCAL_RANK).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # One intra-op thread per rank, as many ranks as cores: what every configuration gets.
     torch.set_num_threads(1)
