@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,17 +69,22 @@ def run_torch(world: int, args: list[str], timeout: float, env: dict[str, str] |
             codes.append(p.returncode)
     except subprocess.TimeoutExpired:
         for p in procs:
-            _kill(p)
+            kill_group(p)
         outs = [p.communicate()[0] for p in procs]
         raise subprocess.TimeoutExpired(args, timeout, output="\n".join(o or "" for o in outs)) from None
     text = "".join(f"--- rank {r} ---\n{o}" for r, o in enumerate(outputs))
     return subprocess.CompletedProcess(args, max(codes, key=abs), text, "")
 
 
-def _kill(p: subprocess.Popen[str]) -> None:
+def kill_group(p: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``p``'s process group (started with ``start_new_session``) and reap it."""
     try:
         os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
         pass
 
 
@@ -88,7 +94,7 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> Completed:
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(p)
+        kill_group(p)
         out = p.communicate()[0]
         raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
     return subprocess.CompletedProcess(cmd, p.returncode, out, "")

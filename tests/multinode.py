@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from tests import multinode_worker as worker
-from tests.launch import _env, horovodrun_available
-from tests.netns import PREFIX, Network, Node, Unsupported, finish, kill_group, netem_available, network, unavailable
+from tests.launch import _env, horovodrun_available, kill_group
+from tests.netns import PREFIX, Network, Node, Unsupported, finish, netem_available, network, unavailable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

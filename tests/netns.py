@@ -45,6 +45,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.launch import kill_group
+
 PREFIX = "distplateau-"
 #: A private /24 that the harness checks is not on any interface of this machine.
 SUBNET = "10.213.7"
@@ -344,18 +346,6 @@ def _random_below(p: float) -> str:
     threshold = min(int(p * 2**32), 2**32 - 1)
     load_random = f"32 0 0 {2**32 - 0x1000 + 56}"
     return f"4,{load_random},53 0 1 {threshold},6 0 0 0,6 0 0 {2**32 - 1}"
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL ``proc``'s process group (started with ``start_new_session``) and reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def finish(procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> tuple[list[int | None], bool]:
