@@ -49,7 +49,7 @@ case "$cmd" in
     exec "$VENV/bin/horovodrun" -np 2 --gloo "$PY" examples/horovod_demo.py "$@" ;;
   test)
     setup
-    "$PY" -m ruff check distplateau tests examples
+    "$PY" -m ruff check distplateau harness tests examples bench
     "$PY" -m mypy
     "$PY" -m pytest "$@"
     docs ;;

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from bench import import_cost, local_step, strategy  # noqa: E402
 from bench.abtest import format_table  # noqa: E402
-from tests.launch import horovodrun_available, run_horovod, run_torch  # noqa: E402
+from harness.launch import horovodrun_available, run_horovod, run_torch  # noqa: E402
 
 CORES = os.cpu_count() or 1
 

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.abtest import format_table  # noqa: E402
-from tests.launch import horovodrun_available, run_horovod  # noqa: E402
+from harness.launch import horovodrun_available, run_horovod  # noqa: E402
 
 TARGET = 1.05
 IDLE = 0.1  # cores other processes may keep busy in a block that counts as run on an idle machine

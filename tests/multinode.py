@@ -45,8 +45,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from harness.launch import child_env, horovodrun_available, kill_group
 from tests import multinode_worker as worker
-from tests.launch import _env, horovodrun_available, kill_group
 from tests.netns import PREFIX, Network, Node, Unsupported, finish, netem_available, network, unavailable
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +78,7 @@ class Row:
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The ranks' environment: the repository importable, one thread per rank, gloo on the nodes'
     interface."""
-    return _env({"GLOO_SOCKET_IFNAME": "dpnet0", **(extra or {})})
+    return child_env({"GLOO_SOCKET_IFNAME": "dpnet0", **(extra or {})})
 
 
 def start_torchrun(net: Network, nodes: Sequence[Node], nproc: int, argv: Sequence[str], logs: Path,

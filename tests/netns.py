@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.launch import kill_group
+from harness.launch import kill_group
 
 PREFIX = "distplateau-"
 #: A private /24 that the harness checks is not on any interface of this machine.

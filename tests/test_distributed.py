@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .launch import horovodrun_available, run_horovod, run_torch
+from harness.launch import horovodrun_available, run_horovod, run_torch
 
 CHECKS = Path(__file__).with_name("distributed_checks.py")
 LAUNCH_TIMEOUT = 240

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .launch import run_torch
+from harness.launch import run_torch
 
 WORKER = str(Path(__file__).with_name("exit_worker.py"))
 

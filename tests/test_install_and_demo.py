@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .launch import ROOT, run_horovod
+from harness.launch import ROOT, run_horovod
 
 
 def test_check_reports_the_working_horovod_build():

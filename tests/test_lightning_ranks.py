@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from harness.launch import child_env, horovodrun_available, run, run_horovod
+
 from .conftest import DISTPLATEAU_MODULE
-from .launch import _env, _run, horovodrun_available, run_horovod
 
 pytestmark = pytest.mark.timeout(1200)  # a module fixture runs up to three launches of LAUNCH_TIMEOUT each
 
@@ -39,8 +40,8 @@ def _results(out: Path, log: str, world: int = 2) -> tuple[list[dict[str, Any]],
 def world1_checkpoint(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A checkpoint from a 1-process run, for resuming at a different world size, and its log."""
     tmp = tmp_path_factory.mktemp(f"lightning-single-{lightning_package}")
-    env = _env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
-    single = _run([sys.executable, CHECKS, "single", str(tmp)], LAUNCH_TIMEOUT, env)
+    env = child_env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
+    single = run([sys.executable, CHECKS, "single", str(tmp)], LAUNCH_TIMEOUT, env)
     result = tmp / "rank0.json"
     ckpt = json.loads(result.read_text())["world_size_1_checkpoint"].get("path", "") if result.exists() else ""
     return ckpt, single.stdout
@@ -50,16 +51,16 @@ def world1_checkpoint(lightning_package: str, tmp_path_factory: pytest.TempPathF
 def ddp(lightning_package: str, world1_checkpoint: tuple[str, str],
         tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
     tmp = tmp_path_factory.mktemp(f"lightning-ddp-{lightning_package}")
-    env = _env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
+    env = child_env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
     ckpt, single_log = world1_checkpoint
     try:
-        log = _run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, env).stdout
+        log = run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, env).stdout
     except subprocess.TimeoutExpired as err:
         log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
     ranks, _ = _results(tmp / "ddp", log)
     # ... and back: the 2-rank run's checkpoint resumed by one process.
     ckpt2 = str(tmp / "ddp" / "ckpt-same" / "epoch=2.ckpt")
-    back = _run([sys.executable, CHECKS, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, env)
+    back = run([sys.executable, CHECKS, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, env)
     if (tmp / "back" / "rank0.json").exists():
         ranks[0]["resume_from_world_size_2"] = json.loads((tmp / "back" / "rank0.json").read_text())[
             "resume_from_other_world_size"]
@@ -273,7 +274,7 @@ def test_example_runs_as_documented_and_keeps_every_rank_on_one_learning_rate(ex
             pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
         out = run_horovod(2, [path, "--epochs", "5"], LAUNCH_TIMEOUT).stdout
     else:
-        out = _run([sys.executable, path, "--epochs", "5"], LAUNCH_TIMEOUT, _env()).stdout
+        out = run([sys.executable, path, "--epochs", "5"], LAUNCH_TIMEOUT, child_env()).stdout
     lines = [line.split("per rank", 1)[1].split() for line in out.splitlines() if "learning rate per rank" in line]
     assert len(lines) == 5, out[-4000:]
     assert all(len(set(lrs)) == 1 and len(lrs) == 2 for lrs in lines), out[-4000:]

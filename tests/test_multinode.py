@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.launch import horovodrun_available
+
 from . import multinode, netns
-from .launch import horovodrun_available
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from tests.launch import run_horovod, run_torch
+from harness.launch import run_horovod, run_torch
 from tests.reliability.cases import (
     CHECKPOINT_KWARGS,
     CHECKPOINT_RESUME_STEPS,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.launch import horovodrun_available
+from harness.launch import horovodrun_available
 from tests.reliability.campaign import Result
 from tests.reliability.elastic import Elastic
 

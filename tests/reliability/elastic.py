@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from tests.launch import _env, _horovodrun, _run, free_port
+from harness.launch import child_env, free_port, horovodrun_path, run
 
 HERE = Path(__file__).resolve().parent
 HOROVOD_WORKER = HERE / "elastic_worker.py"
@@ -199,7 +199,7 @@ def horovod(tmp: Path, plan: list[dict[str, Any]], *, tail: int = 3, timeout: fl
     discovery.write_text(f"#!/bin/sh\ncat '{hosts}'\n")
     discovery.chmod(0o755)
     (out / "plan.json").write_text(json.dumps({"phases": plan, "tail": tail}))
-    exe = _horovodrun()
+    exe = horovodrun_path()
     assert exe, "horovodrun not found: run `python -m distplateau.install_horovod`"
     # --network-interfaces: with it, an elastic job may start on one host (Horovod's own tests
     # mock _get_min_start_hosts instead); HOROVOD_ELASTIC_TIMEOUT bounds a wait for hosts.
@@ -234,7 +234,7 @@ def _launch(cmd: list[str], timeout: float, env: dict[str, str], result: Elastic
     import subprocess
 
     try:
-        proc = _run(cmd, timeout, _env(env))
+        proc = run(cmd, timeout, child_env(env))
     except subprocess.TimeoutExpired as err:
         result.problems.append(f"hang: the launch did not end within {timeout}s")
         return f"TIMED OUT after {timeout}s\n{err.output or ''}"

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.launch import horovodrun_available
+from harness.launch import horovodrun_available
 from tests.reliability import campaign, elastic
 
 EQUIVALENCE = [("none", 1, 400), ("torch", 2, 300), ("torch", 3, 300), ("torch", 4, 250),

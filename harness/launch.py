@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -32,7 +33,7 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 Completed = subprocess.CompletedProcess[str]
 
 
-def _horovodrun() -> str | None:
+def horovodrun_path() -> str | None:
     return shutil.which("horovodrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
 
 
@@ -41,15 +42,15 @@ def horovodrun_available() -> bool:
         import horovod.torch  # noqa: F401
     except ImportError:
         return False
-    return _horovodrun() is not None
+    return horovodrun_path() is not None
 
 
 def run_horovod(np_: int, args: list[str], timeout: float, env: dict[str, str] | None = None) -> Completed:
-    exe = _horovodrun()
+    exe = horovodrun_path()
     assert exe, "horovodrun not found: run `python -m distplateau.install_horovod`"
     cmd = [exe, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", "--gloo-timeout-seconds", "60",
            sys.executable, *args]
-    return _run(cmd, timeout, _env(env))
+    return run(cmd, timeout, child_env(env))
 
 
 def run_torch(world: int, args: list[str], timeout: float, env: dict[str, str] | None = None) -> Completed:
@@ -57,14 +58,15 @@ def run_torch(world: int, args: list[str], timeout: float, env: dict[str, str] |
     port = str(free_port())
     procs = []
     for rank in range(world):
-        e = _env({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+        e = child_env({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})})
         procs.append(subprocess.Popen([sys.executable, *args], env=e, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    deadline = time.monotonic() + timeout  # one timeout for the whole launch, not per process
     outputs, codes = [], []
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=timeout)
+            out, _ = p.communicate(timeout=max(0.0, deadline - time.monotonic()))
             outputs.append(out)
             codes.append(p.returncode)
     except subprocess.TimeoutExpired:
@@ -88,7 +90,7 @@ def kill_group(p: subprocess.Popen[Any]) -> None:
         pass
 
 
-def _run(cmd: list[str], timeout: float, env: dict[str, str]) -> Completed:
+def run(cmd: list[str], timeout: float, env: dict[str, str]) -> Completed:
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:

@@ -1,0 +1,1 @@
+"""What the tests, the reliability campaign and the benchmarks share: launching real ranks."""
