@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.abtest import Ratio, compare, format_table  # noqa: E402
 from distplateau import DistributedReduceLROnPlateau  # noqa: E402
-from distplateau.decide import decide  # noqa: E402
-from distplateau.record import make_record  # noqa: E402
+from distplateau._decide import decide  # noqa: E402
+from distplateau._record import make_record  # noqa: E402
 
 
 def _scheduler(cls: type[Any]) -> Any:

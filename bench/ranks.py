@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.abtest import Ratio, compare  # noqa: E402
 from distplateau import DistributedReduceLROnPlateau  # noqa: E402
-from distplateau.decide import reduce  # noqa: E402
+from distplateau._decide import reduce  # noqa: E402
 
 torch.set_num_threads(1)
 

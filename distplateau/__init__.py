@@ -1,11 +1,15 @@
 """Every rank of a distributed job takes the same ReduceLROnPlateau decision.
 
-``import distplateau`` imports neither Horovod nor Lightning; ``distplateau.lightning``
-holds the Lightning integration and is imported only when used.
+The public API is what this package exports: the scheduler, the types and values of its
+settings, and :func:`decide`, the pure decision every rank takes (for testing a policy
+without processes). ``distplateau.lightning`` and ``distplateau.pytorch_lightning`` hold the
+Lightning integration, ``distplateau.elastic`` the Horovod elastic handler. Modules whose name
+starts with an underscore are internal. ``import distplateau`` imports neither Horovod nor
+Lightning.
 """
 
-from .decide import NAN_POLICIES, REDUCTIONS, Decision, NanPolicy, Reduction, decide
-from .gather import BACKENDS, Backend
+from ._decide import NAN_POLICIES, REDUCTIONS, Decision, NanPolicy, Reduction, decide
+from ._gather import BACKENDS, Backend
 from .scheduler import DistributedReduceLROnPlateau
 
 __version__ = "0.1.0"

@@ -7,23 +7,24 @@ import hashlib
 import json
 import logging
 import math
-import struct
 from typing import Any, SupportsFloat
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from .decide import NAN_POLICIES, REDUCTIONS, NanPolicy, Reduction, decide
+from ._accelerate import PREPARED_MARK, refuse_wrapper
+from ._decide import NAN_POLICIES, REDUCTIONS, NanPolicy, Reduction, decide
+from ._gather import BACKENDS, BROADCAST_BYTES, Backend, Gather, resolve, select, world
+from ._messages import check_choice, ranks_text
+from ._record import make_record
 from .elastic import register_horovod_handler
-from .gather import BACKENDS, BROADCAST_BYTES, Backend, Gather, resolve, select, world
-from .record import make_record
 
 __all__ = ["DistributedReduceLROnPlateau"]
 
 logger = logging.getLogger("distplateau")
 
 # Deployment, not state: never saved, never restored from a checkpoint.
-_NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather", "default_weight"})
+_NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather", "default_weight", PREPARED_MARK})
 _DEPLOYMENT = ("backend", "default_weight", "_process_set", "_group")  # what pickle and copies keep of it
 _FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
 
@@ -113,6 +114,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
     # equal the original there. The gather adapter, and the world it was built for, belong
     # to this process: pickle and copies leave them out (__getstate__).
     __slots__ = ("backend", "default_weight", "_process_set", "_group", "_gather", "_gather_world")
+    # Accelerator.prepare() returns a scheduler with this mark unwrapped: its AcceleratedScheduler
+    # would repeat each step once per process, or skip it (distplateau/_accelerate.py).
+    _is_accelerate_prepared = True
 
     def __init__(
         self,
@@ -136,9 +140,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         warmup: int = 0,
         warmup_start_factor: float = 0.1,
     ) -> None:
-        _check_choice("reduction", reduction, REDUCTIONS)
-        _check_choice("nan_policy", nan_policy, NAN_POLICIES)
-        _check_choice("backend", backend, BACKENDS)
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("nan_policy", nan_policy, NAN_POLICIES)
+        check_choice("backend", backend, BACKENDS)
         if process_set is not None and backend not in ("auto", "horovod"):
             raise ValueError(f"process_set is a Horovod argument; it cannot go with backend={backend!r}")
         if group is not None and backend not in ("auto", "torch"):
@@ -195,22 +199,28 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             RuntimeError: on every rank, if the ranks' scheduler states differ.
             FloatingPointError: on every rank, with ``nan_policy="raise"``.
         """
+        refuse_wrapper()
         gather = self._adapter()
         if weight is None:
             weight = self.default_weight
+        # One rank has no other state to compare with: its fingerprint is not computed.
         fingerprint = self.fingerprint() if gather.size > 1 else 0.0
-        decision = decide(
-            gather(make_record(metrics, weight, fingerprint)),
+        # 1. this rank's record: never raises, a bad input travels as a problem code;
+        record = make_record(metrics, weight, fingerprint)
+        # 2. every rank's record, in the one collective of the step;
+        table = gather(record)
+        # 3. the same decision on every rank: the same error, or the same value, or nothing.
+        value, nonfinite_ranks = decide(
+            table,
             reduction=self.reduction,
             nan_policy=self.nan_policy,
             last_finite=self.last_finite_metric,
             ranks=gather.ranks,
         )
-        value, nonfinite_ranks = decision
         if nonfinite_ranks and gather.index == 0:
             logger.warning(
-                "distplateau: metric is NaN or Inf on rank(s) %s at step %d; nan_policy=%r %s",
-                ", ".join(map(str, nonfinite_ranks)),
+                "distplateau: metric is NaN or Inf on %s at step %d; nan_policy=%r %s",
+                ranks_text(nonfinite_ranks),
                 self.last_epoch + 1,
                 self.nan_policy,
                 "changes nothing" if value is None else f"steps on {value!r}",
@@ -248,21 +258,14 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         Ranks whose fingerprints differ would take different decisions from the same metric;
         :meth:`step` compares them across ranks inside its one collective.
         """
-        # Numbers go in bit-exact through struct, names as text: repr() of the floats used to
-        # take most of this function's time. Counters are ints far below 2**53, exact as floats.
-        last = self.last_finite_metric
-        numbers = (self.best, 0.0 if last is None else last, last is None, self.num_bad_epochs,
-                   self.cooldown_counter, self.last_epoch, self.threshold, self.factor, self.patience,
-                   self.cooldown, self.eps, len(self.min_lrs), *self.min_lrs,
-                   *[float(group["lr"]) for group in self.optimizer.param_groups],
-                   -1 if self.stop_patience is None else self.stop_patience, self.steps_since_best,
-                   self.warmup, self.warmup_start_factor, *self.warmup_lrs)
-        names = (self.mode, self.threshold_mode, self.reduction, self.nan_policy)
-        try:
-            data = struct.pack(f"={len(numbers)}d", *numbers) + "\0".join(names).encode()
-        except (TypeError, OverflowError, struct.error):  # a setting of another type: as text
-            data = repr((numbers, names)).encode()
-        digest = hashlib.blake2b(data, digest_size=8).digest()
+        # repr() writes every float exactly (it round-trips), so equal text means equal state.
+        state = (self.best, self.last_finite_metric, self.num_bad_epochs, self.cooldown_counter,
+                 self.last_epoch, self.steps_since_best, self.warmup_lrs,
+                 [float(group["lr"]) for group in self.optimizer.param_groups],
+                 self.mode, self.factor, self.patience, self.threshold, self.threshold_mode, self.cooldown,
+                 self.min_lrs, self.eps, self.reduction, self.nan_policy, self.stop_patience, self.warmup,
+                 self.warmup_start_factor)
+        digest = hashlib.blake2b(repr(state).encode(), digest_size=8).digest()
         return float(int.from_bytes(digest, "little") & _FINGERPRINT_MASK)
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,8 +289,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             ValueError: the state dict names an unknown reduction or NaN policy.
         """
         state = {key: value for key, value in state_dict.items() if key not in _NOT_STATE}
-        _check_choice("reduction", state.get("reduction", self.reduction), REDUCTIONS)
-        _check_choice("nan_policy", state.get("nan_policy", self.nan_policy), NAN_POLICIES)
+        check_choice("reduction", state.get("reduction", self.reduction), REDUCTIONS)
+        check_choice("nan_policy", state.get("nan_policy", self.nan_policy), NAN_POLICIES)
         super().load_state_dict(state)
 
     def sync_state(self, src: int = 0) -> None:
@@ -312,8 +315,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         """
         gather = self._adapter()
         if src not in gather.ranks:
-            raise ValueError(f"sync_state(src={src}): rank {src} is not in this scheduler's group "
-                             f"(ranks {', '.join(map(str, gather.ranks))}); pass one of them")
+            raise ValueError(f"sync_state(src={src}): rank {src} is not in this scheduler's group, which has "
+                             f"{ranks_text(gather.ranks)}; pass one of them")
         rank = gather.ranks[gather.index]
         sent = gather.broadcast(self._state_message(src) if rank == src else b"", src)
         message = json.loads(sent)
@@ -379,7 +382,3 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return clone
 
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")

@@ -305,7 +305,7 @@ def nonfinite_metrics_are_logged_once_from_rank_0_only() -> None:
     finally:
         logger.removeHandler(handler)
     messages = gather_object([r.getMessage() for r in records])
-    assert messages[0] == ["distplateau: metric is NaN or Inf on rank(s) 1 at step 1; nan_policy='drop' steps on 1.0"]
+    assert messages[0] == ["distplateau: metric is NaN or Inf on rank 1 at step 1; nan_policy='drop' steps on 1.0"]
     assert all(m == [] for m in messages[1:]), messages
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from distplateau import NAN_POLICIES, decide
-from distplateau.decide import reduce
-from distplateau.record import Problem
+from distplateau._decide import reduce
+from distplateau._record import Problem
 
 NAN = math.nan
 

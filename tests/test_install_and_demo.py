@@ -34,4 +34,4 @@ def test_demo_shows_plain_scheduler_diverging_and_ours_identical():
     assert "ReduceLROnPlateau: learning rates DIVERGED across ranks" in proc.stdout
     assert "DistributedReduceLROnPlateau: learning rates identical on every rank; model weights differ across " \
            "ranks by up to 0\n" in proc.stdout.replace("\r", "")
-    assert "metric is NaN or Inf on rank(s) 1 at step 5" in proc.stdout
+    assert "metric is NaN or Inf on rank 1 at step 5" in proc.stdout

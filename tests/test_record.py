@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distplateau.record import Problem, make_record
+from distplateau._record import Problem, make_record
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ def test_nan_single_process_is_a_bad_epoch_like_torch_and_logged(caplog):
             ref.step(v)
             assert state(ours) == state(ref)
     assert [r.getMessage() for r in caplog.records] == [
-        "distplateau: metric is NaN or Inf on rank(s) 0 at step 2; nan_policy='drop' steps on nan"
+        "distplateau: metric is NaN or Inf on rank 0 at step 2; nan_policy='drop' steps on nan"
     ]
     assert ours.last_finite_metric == 0.5
 

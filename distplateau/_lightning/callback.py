@@ -21,8 +21,9 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..decide import decide
-from ..record import make_record
+from .._decide import decide
+from .._messages import ranks_text
+from .._record import make_record
 from ..scheduler import DistributedReduceLROnPlateau
 from . import compat
 
@@ -217,7 +218,7 @@ class PlateauCallbackBase(_Callback):
                 if missing and any(c.strict for c in configs):
                     raise self.misconfiguration_error(
                         f"DistributedReduceLROnPlateau monitors {key!r}, which is missing on "
-                        f"{'rank' if len(missing) == 1 else 'ranks'} {', '.join(map(str, missing))} but present on "
+                        f"{ranks_text(missing)} but present on "
                         "the others. Log it on every rank, or set \"strict\": False in the lr_scheduler config to "
                         "let the ranks without it contribute nothing to the step."
                     )

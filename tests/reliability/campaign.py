@@ -35,7 +35,7 @@ EQUIVALENCE = HERE / "equivalence_worker.py"
 FAULTS = HERE / "fault_worker.py"
 #: torch.distributed ``init_process_group(timeout=...)`` used by the fault launches.
 TORCH_TIMEOUT_S = 10.0
-#: The library's own bound on a Horovod step() (``distplateau.gather.TIMEOUT_ENV``) where a test sets it.
+#: The library's own bound on a Horovod step() (``distplateau._gather.TIMEOUT_ENV``) where a test sets it.
 HOROVOD_TIMEOUT = {"DISTPLATEAU_HOROVOD_TIMEOUT_S": "5"}
 
 

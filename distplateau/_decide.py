@@ -1,7 +1,7 @@
 """The decision every rank takes from the gathered table: pure functions, no I/O.
 
 Every rank calls :func:`decide` on the same table (one row per rank, see
-:class:`distplateau.record.Record`), so every rank reaches the same result bit for bit:
+``Record`` in ``_record.py``), so every rank reaches the same result bit for bit:
 the same exception, or the same value for ``ReduceLROnPlateau.step``, or "change nothing".
 """
 
@@ -11,9 +11,10 @@ import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple, get_args
 
-from .record import Problem
+from ._messages import check_choice, ranks_text
+from ._record import Problem
 
-__all__ = ["NanPolicy", "Reduction", "Decision", "NAN_POLICIES", "REDUCTIONS", "decide", "reduce"]
+__all__ = ["NanPolicy", "Reduction", "Decision", "NAN_POLICIES", "REDUCTIONS", "decide"]
 
 Reduction = Literal["mean", "sum", "min", "max"]
 NanPolicy = Literal["drop", "raise", "skip", "bad", "last", "zero"]
@@ -44,11 +45,6 @@ class Decision(NamedTuple):
     nonfinite_ranks: tuple[int, ...] = ()
 
 
-# NamedTuple's generated __new__ is a Python function; tuple.__new__ builds the same object in
-# a fraction of the time, which matters on the single-process hot path.
-_new_tuple = tuple.__new__
-
-
 def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reduction) -> float:
     """Reduce the contributing ranks' values; ``weights`` matter to ``"mean"`` only.
 
@@ -69,26 +65,18 @@ def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reducti
         >>> reduce([0.25, 0.75], [192, 64], "max")
         0.75
     """
-    if len(values) == 1:
-        return values[0]
+    check_choice("reduction", reduction, REDUCTIONS)
     if not values:
         raise ValueError("nothing to reduce")
-    if reduction == "mean":
-        first = values[0]
-        if isinstance(values, list):
-            same = values.count(first) == len(values)  # compares with ==, faster than all()
-        else:
-            same = all(v == first for v in values)
-        if same:
-            return first
-        return _weighted_mean(values, weights)
     if reduction == "sum":
         return _fsum(values)
     if reduction == "min":
         return min(values)
     if reduction == "max":
         return max(values)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if all(value == values[0] for value in values):
+        return values[0]  # fsum(w * v) / fsum(w) could round it
+    return _weighted_mean(values, weights)
 
 
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
@@ -115,28 +103,19 @@ def _fsum(values: Sequence[float]) -> float:
         return sum(values)
 
 
-def _describe(problem: Problem, detail: float) -> str:
-    if problem is Problem.METRIC_NONE:
-        return "metric is None"
-    if problem is Problem.METRIC_STR:
-        return "metric is a str"
-    if problem is Problem.METRIC_BOOL:
-        return "metric is a bool"
-    if problem is Problem.METRIC_NOT_A_NUMBER:
-        return "metric is not a real number"
-    if problem is Problem.METRIC_NOT_SCALAR:
-        return f"metric has {int(detail)} elements, not 1"
-    if problem is Problem.WEIGHT_NOT_A_NUMBER:
-        return "weight is not a real number"
-    if problem is Problem.WEIGHT_NOT_SCALAR:
-        return f"weight has {int(detail)} elements, not 1"
-    if problem is Problem.WEIGHT_NEGATIVE:
-        return f"weight is negative ({detail!r})"
-    return f"weight is not finite ({detail!r})"
-
-
-def _ranks_text(ranks: Sequence[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+# What each problem code of a record says; ``detail`` is the value or weight field, which
+# carries the element count or the offending weight (see ``Record``).
+_PROBLEM_TEXT = {
+    Problem.METRIC_NONE: "metric is None",
+    Problem.METRIC_STR: "metric is a str",
+    Problem.METRIC_BOOL: "metric is a bool",
+    Problem.METRIC_NOT_A_NUMBER: "metric is not a real number",
+    Problem.METRIC_NOT_SCALAR: "metric has {detail:.0f} elements, not 1",
+    Problem.WEIGHT_NOT_A_NUMBER: "weight is not a real number",
+    Problem.WEIGHT_NOT_SCALAR: "weight has {detail:.0f} elements, not 1",
+    Problem.WEIGHT_NEGATIVE: "weight is negative ({detail!r})",
+    Problem.WEIGHT_NOT_FINITE: "weight is not finite ({detail!r})",
+}
 
 
 def check_inputs(table: Sequence[Row], ranks: Sequence[int]) -> None:
@@ -149,12 +128,10 @@ def check_inputs(table: Sequence[Row], ranks: Sequence[int]) -> None:
     """
     problems: list[tuple[str, Problem]] = []
     for rank, (value, weight, metric_problem, weight_problem, _) in zip(ranks, table):
-        if metric_problem:
-            p = Problem(int(metric_problem))
-            problems.append((f"{_describe(p, value)} on rank {rank}", p))
-        if weight_problem:
-            p = Problem(int(weight_problem))
-            problems.append((f"{_describe(p, weight)} on rank {rank}", p))
+        for code, detail in ((metric_problem, value), (weight_problem, weight)):
+            if code:
+                problem = Problem(int(code))
+                problems.append((_PROBLEM_TEXT[problem].format(detail=detail) + f" on rank {rank}", problem))
     if problems:
         error = TypeError if any(p in _TYPE_PROBLEMS for _, p in problems) else ValueError
         raise error("; ".join(text for text, _ in problems) + f": {_HINT}")
@@ -166,13 +143,12 @@ def check_same_state(table: Sequence[Row], ranks: Sequence[int]) -> None:
     Raises:
         RuntimeError: naming which ranks agree with which.
     """
-    first = table[0][4]
-    if all(row[4] == first for row in table):
-        return
     groups: dict[float, list[int]] = {}
     for rank, row in zip(ranks, table):
         groups.setdefault(row[4], []).append(rank)
-    parts = " vs ".join(_ranks_text(g) for g in groups.values())
+    if len(groups) == 1:
+        return
+    parts = " vs ".join(ranks_text(group) for group in groups.values())
     raise RuntimeError(
         f"scheduler state differs across ranks ({parts}): best, num_bad_epochs, "
         "cooldown_counter, last_epoch, settings or learning rates are not the same "
@@ -217,49 +193,39 @@ def decide(
         >>> decide(table, reduction="mean", nan_policy="skip", last_finite=None)
         Decision(value=None, nonfinite_ranks=(1,))
     """
-    if len(table) == 1:  # a single process: nothing to compare, often nothing to reduce
-        value, weight, metric_problem, weight_problem, _ = table[0]
-        if not (metric_problem or weight_problem) and weight > 0 and math.isfinite(value):
-            return _new_tuple(Decision, (value, ()))
     if ranks is None:
         ranks = range(len(table))
-    # One pass over the table in the common case; the checks below run (and raise) only
-    # when some row has a problem code or a fingerprint unlike the first row's.
-    fingerprint = table[0][4]
+    check_inputs(table, ranks)
+    check_same_state(table, ranks)
     values: list[float] = []
     weights: list[float] = []
     nonfinite: list[int] = []
-    for rank, (value, weight, metric_problem, weight_problem, row_fingerprint) in zip(ranks, table):
-        if metric_problem or weight_problem or row_fingerprint != fingerprint:
-            check_inputs(table, ranks)
-            check_same_state(table, ranks)
-        if weight > 0:  # a rank with weight 0 contributes nothing, not even its NaN
-            if math.isfinite(value):
-                values.append(value)
+    for rank, (value, weight, *_) in zip(ranks, table):
+        if weight == 0:
+            continue  # a rank with weight 0 contributes nothing, not even its NaN
+        if math.isfinite(value):
+            values.append(value)
+            weights.append(weight)
+        else:
+            nonfinite.append(rank)
+            if nan_policy == "zero":
+                values.append(0.0)
                 weights.append(weight)
-            else:
-                nonfinite.append(rank)
-                if nan_policy == "zero":
-                    values.append(0.0)
-                    weights.append(weight)
     if not values and not nonfinite:
         raise ValueError(
             "every rank passed weight 0, so there is no metric to step on; pass a positive "
             "weight on at least one rank"
         )
-    if nonfinite:
-        bad = tuple(nonfinite)
+    bad = tuple(nonfinite)
+    if bad:
         if nan_policy == "raise":
-            raise FloatingPointError(
-                f"metric is NaN or Inf on {_ranks_text(bad)} and nan_policy='raise'"
-            )
+            raise FloatingPointError(f"metric is NaN or Inf on {ranks_text(bad)} and nan_policy='raise'")
         if nan_policy == "skip":
             return Decision(None, bad)
         if nan_policy == "bad":
             return Decision(math.nan, bad)
         if nan_policy == "last":
             return Decision(last_finite, bad)
-        if not values:  # "drop" with nothing finite left: a bad epoch, as plain torch does
-            return Decision(math.nan, bad)
-        return Decision(reduce(values, weights, reduction), bad)
-    return _new_tuple(Decision, (reduce(values, weights, reduction), ()))
+    if not values:  # "drop" with nothing finite left: a bad epoch, as plain torch does
+        return Decision(math.nan, bad)
+    return Decision(reduce(values, weights, reduction), bad)

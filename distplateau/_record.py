@@ -34,9 +34,6 @@ class Problem(IntEnum):
     WEIGHT_NOT_FINITE = 9  # detail: the weight
 
 
-_OK = Problem.OK  # a module global: reading an enum member off its class runs Python code
-
-
 class Record(NamedTuple):
     """One rank's row of the gathered table. Every field is a float so that the whole
     record travels as a single float64 tensor in a single collective.
@@ -56,27 +53,27 @@ class Record(NamedTuple):
 
 def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
     """Turn a user-supplied number into a float, or name what is wrong with it."""
-    if isinstance(x, float):  # the common case first: also catches numpy.float64
-        return float(x), _OK  # a plain float, so state_dict() loads with weights_only=True
+    if isinstance(x, float):  # also numpy.float64, a float subclass
+        return float(x), Problem.OK  # a plain float, so state_dict() loads with weights_only=True
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             return float(x.numel()), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR
         item = x.item()  # float for floating dtypes, int for integer ones, bool, complex
         if type(item) is float:
-            return item, _OK
+            return item, Problem.OK
         if type(item) is int:
-            return float(item), _OK
+            return float(item), Problem.OK
         return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_NOT_A_NUMBER
     np = sys.modules.get("numpy")  # never imported here: if it is not loaded, x is no numpy object
     if isinstance(x, bool) or (np is not None and isinstance(x, np.bool_)):
         return 0.0, Problem.WEIGHT_NOT_A_NUMBER if is_weight else Problem.METRIC_BOOL
     if isinstance(x, numbers.Real):  # int, fractions, numpy integer/floating scalars
-        return float(x), _OK
+        return float(x), Problem.OK
     if np is not None and isinstance(x, np.ndarray):
         if x.size != 1:
             return float(x.size), Problem.WEIGHT_NOT_SCALAR if is_weight else Problem.METRIC_NOT_SCALAR
         if np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating):
-            return float(x.reshape(()).item()), _OK
+            return float(x.reshape(()).item()), Problem.OK
     if is_weight:
         return 0.0, Problem.WEIGHT_NOT_A_NUMBER
     if x is None:
@@ -88,25 +85,14 @@ def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
 
 def make_record(metrics: Any, weight: Any, fingerprint: float) -> Record:
     """Build this rank's record. Never raises for bad ``metrics`` or ``weight``."""
-    if weight is None and type(metrics) is float:  # the hot path: a plain float metric, no weight
-        return _new_tuple(Record, (metrics, 1.0, 0.0, 0.0, fingerprint))
     value, metric_problem = _scalar(metrics, is_weight=False)
     if weight is None:
-        w, weight_problem = 1.0, _OK
+        w, weight_problem = 1.0, Problem.OK
     else:
         w, weight_problem = _scalar(weight, is_weight=True)
-        if weight_problem is _OK:
+        if weight_problem is Problem.OK:
             if not math.isfinite(w):
                 weight_problem = Problem.WEIGHT_NOT_FINITE
             elif w < 0:
                 weight_problem = Problem.WEIGHT_NEGATIVE
-    return _new_tuple(Record, (value, w, _CODE[metric_problem], _CODE[weight_problem], fingerprint))
-
-
-# Each problem's code as a float, indexed by the problem (an int): float(IntEnum) and hashing
-# an enum member both run Python code, indexing a tuple does not.
-_CODE = tuple(float(code) for code in range(len(Problem)))
-assert all(int(problem) == code for code, problem in enumerate(Problem))
-# NamedTuple's generated __new__ is a Python function; tuple.__new__ builds the same Record
-# in a fraction of the time (make_record runs on every step).
-_new_tuple = tuple.__new__
+    return Record(value, w, float(metric_problem), float(weight_problem), fingerprint)
