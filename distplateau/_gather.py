@@ -216,8 +216,7 @@ def world(backend: Backend, *, process_set: Any = None, group: Any = None) -> tu
     set's id). A reset of Horovod elastic (``shutdown()`` then ``init()``) or a process group
     created again changes it; an adapter built for another value must be built again.
     About 1 us under Horovod or torch.distributed; ``()`` for ``"none"``, whose world of one
-    process never changes (callers skip the check: it would cost a third of a single-process
-    step).
+    process never changes, so that there is nothing to check.
     """
     if backend == "horovod" and _horovod_initialized():
         hvd = sys.modules["horovod.torch"]
