@@ -127,7 +127,7 @@ def test_sync_state_in_one_process_keeps_the_state_and_refuses_other_ranks():
     before = attributes(s)
     s.sync_state(src=0)
     assert attributes(s) == before
-    with pytest.raises(ValueError, match=r"sync_state\(src=1\): rank 1 is not in this scheduler's group, which has rank 0;"):
+    with pytest.raises(ValueError, match=r"sync_state\(src=1\): rank 1 is not in .* group, which has rank 0;"):
         s.sync_state(src=1)
 
 
