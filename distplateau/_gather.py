@@ -100,11 +100,7 @@ class TorchGather:
                 "passed as `group`; build the scheduler only on the group's ranks"
             )
         self.ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(self.size))
-        # NCCL gathers CUDA tensors only; gloo and mixed "cpu:gloo,cuda:nccl" groups take CPU.
-        if dist.get_backend(group) == "nccl":
-            self._device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self._device = torch.device("cpu")
+        self._device = _device(group)
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         local = torch.tensor(record, dtype=torch.float64, device=self._device)
@@ -130,6 +126,22 @@ class TorchGather:
         work.wait()
         TorchGather._last_work = work  # as in _gather_into
         return _unframe(buffer.cpu().numpy().tobytes())
+
+
+def _device(group: Any) -> torch.device:
+    """Where ``group`` gathers: on CPU when it has a CPU backend (gloo, mpi, a mixed
+    ``"cpu:gloo,cuda:nccl"`` group: the record is in CPU memory), else on its GPU (NCCL alone,
+    also ``init_process_group()`` without a backend on a GPU machine, which ``get_backend``
+    calls ``"undefined"``). torch's own object collectives choose the same way."""
+    import torch.distributed as dist
+
+    config = getattr(dist, "get_backend_config", None)  # "cpu:gloo", "cuda:nccl", ...
+    on_cpu = "cpu:" in config(group) if config is not None else dist.get_backend(group) != "nccl"
+    if on_cpu:
+        return torch.device("cpu")
+    # The GPU the group was bound to (init_process_group(device_id=...)), else the current one.
+    bound = getattr(group if group is not None else dist.group.WORLD, "bound_device_id", None)
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 class HorovodGather:
