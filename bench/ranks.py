@@ -39,8 +39,6 @@ from bench.abtest import Ratio, compare  # noqa: E402
 from distplateau import DistributedReduceLROnPlateau  # noqa: E402
 from distplateau._decide import reduce  # noqa: E402
 
-torch.set_num_threads(1)
-
 
 class Wire:
     """The collectives the variants use, on one backend, all on float64 CPU tensors."""
@@ -174,13 +172,14 @@ def measure(wire: Wire, blocks: int, iters: int) -> dict[str, list[Ratio]]:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="multi-rank benchmark worker")
     parser.add_argument("backend", choices=["horovod", "torch"])
     parser.add_argument("out")
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--iters", type=int, default=100)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
     wire = Wire(args.backend)
     result = measure(wire, args.blocks, args.iters)
     if wire.rank == 0:

@@ -264,14 +264,14 @@ def measure(blocks: int, epochs: int, steps: int, batch_size: int) -> dict[str, 
             "world": hvd.size(), "parameters": sum(p.numel() for p in mlp().parameters())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="rank script of bench/strategy.py")
     parser.add_argument("out")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per fit, the first one untimed")
     parser.add_argument("--steps", type=int, default=32, help="steps per epoch on every rank")
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available|TPU available|LOCAL_RANK).*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # One intra-op thread per rank, as many ranks as cores: what every configuration gets.

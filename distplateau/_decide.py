@@ -68,6 +68,8 @@ def reduce(values: Sequence[float], weights: Sequence[float], reduction: Reducti
     check_choice("reduction", reduction, REDUCTIONS)
     if not values:
         raise ValueError("nothing to reduce")
+    if len(values) == 1:
+        return values[0]  # exactly, whatever the reduction: math.fsum([-0.0]) would give 0.0
     if reduction == "sum":
         return _fsum(values)
     if reduction == "min":

@@ -1,8 +1,23 @@
 """Launch a script on N real ranks, under horovodrun or as torch.distributed gloo processes,
-with a hard timeout so that a hang fails the test instead of stalling CI."""
+with a hard timeout so that a hang fails the test instead of stalling CI.
+
+A test module that runs many checks in one launch starts it in a module-scoped fixture and
+returns a :class:`Launch`; each test then asks it for one check's outcome::
+
+    @pytest.fixture(scope="module", params=[2, 3], ids=["np2", "np3"])
+    def launch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Launch:
+        out = tmp_path_factory.mktemp("checks")
+        log = launch_log(run_torch, request.param, [SCRIPT, str(out)], timeout=240)
+        return Launch(rank_results(out, request.param), log)
+
+    def test_something(launch: Launch) -> None:
+        rank0, rank1, *_ = launch.outcome("something")  # fails with the log's tail if it never ran
+        assert rank0 == rank1
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,8 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,3 +116,39 @@ def run(cmd: list[str], timeout: float, env: dict[str, str]) -> Completed:
         out = p.communicate()[0]
         raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
     return subprocess.CompletedProcess(cmd, p.returncode, out, "")
+
+
+def launch_log(start: Callable[..., Completed], *args: Any, timeout: float, **kwargs: Any) -> str:
+    """``start(*args, timeout=timeout, **kwargs)`` (``run``, ``run_torch`` or ``run_horovod``) and
+    its output; after a timeout, what it printed until it was killed, marked as such. The test
+    then fails on the checks the launch did not finish, not on the timeout itself."""
+    try:
+        return start(*args, timeout=timeout, **kwargs).stdout
+    except subprocess.TimeoutExpired as err:
+        return f"TIMED OUT after {timeout}s\n{err.output}"
+
+
+def rank_results(out_dir: Path, world: int) -> dict[str, list[Any]]:
+    """The ``out_dir/rank{r}.json`` files the ranks wrote (each: check name -> what that rank
+    saw) as check name -> one entry per rank, ``None`` for a rank that did not report it."""
+    ranks = [json.loads(path.read_text()) if (path := out_dir / f"rank{r}.json").exists() else {}
+             for r in range(world)]
+    names = dict.fromkeys(name for rank in ranks for name in rank)
+    return {name: [rank.get(name) for rank in ranks] for name in names}
+
+
+class Launch(NamedTuple):
+    """What one launch left: check name -> every rank's outcome, and the launch's output."""
+
+    results: dict[str, list[Any]]
+    log: str
+
+    def outcome(self, name: str) -> list[Any]:
+        """Every rank's outcome of check ``name``. Fails the calling test, with the end of the
+        launch's output, when a rank did not get that far (a hang or a crash)."""
+        per_rank = self.results.get(name)
+        if per_rank is None or any(r is None for r in per_rank):
+            import pytest  # only tests call this; bench/ imports this module without pytest
+
+            pytest.fail(f"{name} did not finish on every rank (hang or crash); launch output:\n{self.log[-6000:]}")
+        return per_rank

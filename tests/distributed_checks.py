@@ -4,9 +4,10 @@ Launched by ``tests/test_distributed.py`` either as
 ``horovodrun -np N --gloo python tests/distributed_checks.py horovod OUT.json`` or as N
 plain processes with ``RANK``/``WORLD_SIZE``/``MASTER_PORT`` set and backend ``torch``.
 Each check runs on every rank; after each one the ranks exchange their outcome, and rank 0
-rewrites ``OUT.json`` (check name -> list of per-rank errors, ``None`` for a pass), so a
+rewrites ``OUT.json`` (check name -> list of per-rank errors, ``""`` for a pass), so a
 hang shows which check it was in. Nothing here mocks a collective: the counters wrap the
-real functions and call through.
+real functions and call through, from ``main()`` on: importing this file only defines the
+checks (``CHECKS``, by name).
 """
 
 from __future__ import annotations
@@ -27,42 +28,55 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from distplateau import DistributedReduceLROnPlateau
+from tests.reliability.cases import snapshot
 
-BACKEND = sys.argv[1]
-OUT = sys.argv[2]
+# Set on each rank by init_backend(), read by the checks.
+BACKEND = ""
+RANK, SIZE = 0, 1
+SUBSET: list[int] | None = None  # ranks [0, 2] form a process set / group when there are 3 or more
+_subset_handle: Any = None
+hvd: Any = None  # horovod.torch, under horovodrun
+_module: Any = None  # the module whose collectives are counted
+_collectives: list[str] = []
 
-if BACKEND == "horovod":
-    import horovod.torch as hvd
 
-    SUBSET = [0, 2] if int(os.environ["HOROVOD_SIZE"]) >= 3 else None
-    _subset_handle: Any = hvd.ProcessSet(SUBSET) if SUBSET else None
-    hvd.init(process_sets=[_subset_handle] if SUBSET else None)
-    RANK, SIZE = hvd.rank(), hvd.size()
-    gather_object: Callable[[Any], list[Any]] = hvd.allgather_object
-    _module: Any = hvd
-    _collectives = ["allgather", "allreduce", "allreduce_", "broadcast", "broadcast_", "alltoall",
-                    "grouped_allreduce", "reducescatter", "barrier", "join", "broadcast_async_",
-                    "allgather_object", "broadcast_object"]
-else:
-    import torch.distributed as dist
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, through the backend (rebound to Horovod's by ``init_backend``)."""
+    out: list[Any] = [None] * SIZE
+    dist.all_gather_object(out, obj)
+    return out
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    RANK, SIZE = dist.get_rank(), dist.get_world_size()
-    SUBSET = [0, 2] if SIZE >= 3 else None
-    _subset_handle = dist.new_group(SUBSET) if SUBSET else None
 
-    def gather_object(obj: Any) -> list[Any]:
-        out: list[Any] = [None] * SIZE
-        dist.all_gather_object(out, obj)
-        return out
+def init_backend(backend: str) -> None:
+    global BACKEND, RANK, SIZE, SUBSET, _subset_handle, hvd, gather_object, _module, _collectives
+    BACKEND = backend
+    if backend == "horovod":
+        import horovod.torch
 
-    _module = dist
-    _collectives = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
-                    "broadcast", "barrier", "reduce", "gather", "scatter", "reduce_scatter_tensor",
-                    "all_to_all_single", "all_gather_object", "broadcast_object_list"]
+        hvd = horovod.torch
+        SUBSET = [0, 2] if int(os.environ["HOROVOD_SIZE"]) >= 3 else None
+        _subset_handle = hvd.ProcessSet(SUBSET) if SUBSET else None
+        hvd.init(process_sets=[_subset_handle] if SUBSET else None)
+        RANK, SIZE = hvd.rank(), hvd.size()
+        gather_object = hvd.allgather_object
+        _module = hvd
+        _collectives = ["allgather", "allreduce", "allreduce_", "broadcast", "broadcast_", "alltoall",
+                        "grouped_allreduce", "reducescatter", "barrier", "join", "broadcast_async_",
+                        "allgather_object", "broadcast_object"]
+    else:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        RANK, SIZE = dist.get_rank(), dist.get_world_size()
+        SUBSET = [0, 2] if SIZE >= 3 else None
+        _subset_handle = dist.new_group(SUBSET) if SUBSET else None
+        _module = dist
+        _collectives = ["all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+                        "broadcast", "barrier", "reduce", "gather", "scatter", "reduce_scatter_tensor",
+                        "all_to_all_single", "all_gather_object", "broadcast_object_list"]
+
 
 # Count every collective the scheduler could call, by wrapping the real functions.
 CALLS = {"n": 0}
@@ -76,9 +90,10 @@ def _counting(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-for _name in _collectives:
-    if hasattr(_module, _name):
-        setattr(_module, _name, _counting(getattr(_module, _name)))
+def count_collectives() -> None:
+    for name in _collectives:
+        if hasattr(_module, name):
+            setattr(_module, name, _counting(getattr(_module, name)))
 
 
 @contextmanager
@@ -100,15 +115,14 @@ def reference(lr: float = 1.0, **kwargs: Any) -> ReduceLROnPlateau:
     return ReduceLROnPlateau(torch.optim.SGD(model.parameters(), lr=lr), **kwargs)
 
 
-def snapshot(s: ReduceLROnPlateau) -> str:
-    """Everything that must be bit-identical, as exact reprs."""
-    return repr((s.get_last_lr(), [g["lr"] for g in s.optimizer.param_groups], s.best,
-                 s.num_bad_epochs, s.cooldown_counter, s.last_epoch,
-                 getattr(s, "last_global_metric", None)))
+def snapshot_with_metric(s: ReduceLROnPlateau) -> str:
+    """Everything that must be bit-identical, as exact reprs: the scheduler's state and the
+    global metric of its last step (``None`` for torch's own)."""
+    return repr((snapshot(s), getattr(s, "last_global_metric", None)))
 
 
 def same_everywhere(s: ReduceLROnPlateau) -> None:
-    snaps = gather_object(snapshot(s))
+    snaps = gather_object(snapshot_with_metric(s))
     assert len(set(snaps)) == 1, f"ranks disagree: {snaps}"
 
 
@@ -135,11 +149,13 @@ def raises_everywhere(fn: Callable[[], Any], exc: type[BaseException], *needles:
     return msg
 
 
-CHECKS: list[Callable[[], None]] = []
+#: Every check, by name, in the order the ranks run them (``tests/test_distributed.py`` makes
+#: one test of each).
+CHECKS: dict[str, Callable[[], None]] = {}
 
 
 def check(fn: Callable[[], None]) -> Callable[[], None]:
-    CHECKS.append(fn)
+    CHECKS[fn.__name__] = fn
     return fn
 
 
@@ -242,20 +258,20 @@ def nan_policy_drop_leaves_the_rank_out() -> None:
 def nan_policy_raise_names_the_ranks_everywhere() -> None:
     s = make(nan_policy="raise")
     s.step(1.0)
-    before = snapshot(s)
+    before = snapshot_with_metric(s)
     raises_everywhere(lambda: s.step(math.nan if RANK in (0, SIZE - 1) else 1.0), FloatingPointError,
                       f"ranks 0, {SIZE - 1}")
-    assert snapshot(s) == before
+    assert snapshot_with_metric(s) == before
 
 
 @check
 def nan_policy_skip_changes_nothing() -> None:
     s = make(patience=0, nan_policy="skip")
     s.step(1.0)
-    before = snapshot(s)
+    before = snapshot_with_metric(s)
     with exactly_one_collective():
         s.step(math.inf if RANK == 1 else 0.1)
-    assert snapshot(s) == before
+    assert snapshot_with_metric(s) == before
     s.step(0.5)
     assert s.best == 0.5
 
@@ -342,11 +358,11 @@ def bad_input_on_one_rank_raises_the_same_error_on_every_rank() -> None:
     culprit = SIZE - 1
     s = make(patience=0)
     s.step(1.0)
-    before = snapshot(s)
+    before = snapshot_with_metric(s)
     for metric, weight, exc, text in BAD_INPUTS:
         m, w = (metric, weight) if RANK == culprit else (0.5, 1.0)
         raises_everywhere(lambda m=m, w=w: s.step(m, weight=w), exc, text, f"on rank {culprit}")
-        assert snapshot(s) == before
+        assert snapshot_with_metric(s) == before
     s.step(0.5)  # and the scheduler still works afterwards, in step on every rank
     assert s.best == 0.5
     same_everywhere(s)
@@ -398,7 +414,7 @@ def state_dict_round_trips_with_weights_only_and_accepts_plain_torch_state() -> 
     for v in (2.4, 2.3, 2.2):
         s.step(v + RANK)
         fresh.step(v + RANK)
-        assert snapshot(s) == snapshot(fresh)
+        assert snapshot_with_metric(s) == snapshot_with_metric(fresh)
 
     plain = reference(patience=3)
     plain.step(1.0)
@@ -543,13 +559,13 @@ def horovod_elastic_state_keeps_the_live_schedulers() -> None:
     ours.step(1.0)
     plain.step(1.0)
     state.commit()
-    committed = (snapshot(ours), snapshot(plain))
+    committed = (snapshot_with_metric(ours), snapshot_with_metric(plain))
     for value in (2.0, 3.0):  # patience 0: both reduce the learning rate, then fail to commit
         ours.step(value)
         plain.step(value)
     assert opt.param_groups[0]["lr"] < 0.1
     state.restore()  # what hvd.elastic.run does after a HorovodInternalError
-    assert (snapshot(ours), snapshot(plain)) == committed and opt.param_groups[0]["lr"] == 1.0
+    assert (snapshot_with_metric(ours), snapshot_with_metric(plain)) == committed and opt.param_groups[0]["lr"] == 1.0
     ours.step(2.0)
     same_everywhere(ours)
 
@@ -679,21 +695,24 @@ def warmup_then_plateau_follows_a_ramp_then_torch_on_the_global_mean() -> None:
     same_everywhere(s)
 
 
-def main() -> None:
-    results: dict[str, list[str | None]] = {}
-    for fn in CHECKS:
+def main(argv: list[str] | None = None) -> None:
+    backend, out = sys.argv[1:] if argv is None else argv
+    init_backend(backend)
+    count_collectives()
+    results: dict[str, list[str]] = {}
+    for name, fn in CHECKS.items():
         try:
             fn()
-            err = None
+            err = ""
         except Exception:
             err = traceback.format_exc()
-        # Always a str: Horovod names allgather_object after the type, and ranks gathering
-        # None and str would wait for each other forever.
-        results[fn.__name__] = [e or None for e in gather_object(err or "")]
+        # Always a str ("" for a pass): Horovod names allgather_object after the type, and ranks
+        # gathering None and str would wait for each other forever.
+        results[name] = gather_object(err)
         if RANK == 0:
-            with open(OUT + ".tmp", "w") as f:
+            with open(out + ".tmp", "w") as f:
                 json.dump({"size": SIZE, "backend": BACKEND, "results": results}, f)
-            os.replace(OUT + ".tmp", OUT)
+            os.replace(out + ".tmp", out)
     if BACKEND == "horovod":
         hvd.shutdown()
     else:

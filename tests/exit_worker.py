@@ -6,6 +6,8 @@ Launched by tests/test_exit.py with the env:// rendezvous variables set. Usage:
 function that returns, then ``destroy_process_group``). Exit status 0 is the whole check.
 """
 
+from __future__ import annotations
+
 import datetime
 import sys
 
@@ -27,9 +29,19 @@ def train() -> DistributedReduceLROnPlateau:
     return scheduler
 
 
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-if sys.argv[1] == "kept":
-    scheduler = train()
-else:
-    train()
-    dist.destroy_process_group()
+scheduler: DistributedReduceLROnPlateau | None = None  # "kept": alive until the interpreter exits
+
+
+def main(argv: list[str] | None = None) -> None:
+    global scheduler
+    ending = (sys.argv[1:] if argv is None else argv)[0]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    if ending == "kept":
+        scheduler = train()
+    else:
+        train()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

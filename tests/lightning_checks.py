@@ -7,6 +7,9 @@ ranks come from horovodrun (``Trainer(strategy="horovod")``). ``CKPT_OTHER`` is 
 of a 1-process run, resumed on the 2 ranks.
 ``DISTPLATEAU_LIGHTNING_PACKAGE`` names the Lightning package every class comes from,
 ``lightning.pytorch`` (default) or ``pytorch_lightning``, with distplateau's module for it.
+``DISTPLATEAU_LIGHTNING_ACCELERATOR`` is the Trainer's ``accelerator``: ``cpu`` (default) or
+``gpu`` (``tests/test_cuda.py``: one GPU per rank, so DDP's process group is NCCL).
+Both are read by ``main()``: importing this file imports no Lightning and reads nothing.
 
 Each rank writes ``OUT_DIR/rank{r}.json`` after every scenario: scenario name -> what that
 rank observed (or ``{"error": traceback}``). ``tests/test_lightning_ranks.py`` compares the
@@ -33,24 +36,32 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from distplateau import DistributedReduceLROnPlateau
 
-PACKAGE = os.environ.get("DISTPLATEAU_LIGHTNING_PACKAGE", "lightning.pytorch")
-pl = importlib.import_module(PACKAGE)
-# the distplateau module of that package; importing it registers strategy="horovod"
-dp = importlib.import_module({"lightning.pytorch": "distplateau.lightning",
-                              "pytorch_lightning": "distplateau.pytorch_lightning"}[PACKAGE])
-LightningModule, Trainer = pl.LightningModule, pl.Trainer
-Callback, ModelCheckpoint = pl.callbacks.Callback, pl.callbacks.ModelCheckpoint
-TorchCheckpointIO = importlib.import_module(f"{PACKAGE}.plugins.io").TorchCheckpointIO
-
-STRATEGY = sys.argv[1]
-OUT = Path(sys.argv[2])
-CKPT_OTHER = sys.argv[3] if len(sys.argv) > 3 else None
+#: The two Lightning packages, and the distplateau module built on each (importing it
+#: registers ``strategy="horovod"``).
+DISTPLATEAU_MODULE = {
+    "lightning.pytorch": "distplateau.lightning",
+    "pytorch_lightning": "distplateau.pytorch_lightning",
+}
 
 BASE = 2.0
-DRIFT = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]  # exact in float32: no rounding in local means
 EPOCHS = 6
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*(GPU available|TPU available|LOCAL_RANK|sync_dist).*")
+DRIFT = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # one per epoch of a full fit; exact in float32: no rounding in local means
+assert len(DRIFT) == EPOCHS
+
+# Set by main(): the command line, the environment and the Lightning package they name.
+STRATEGY = "single"
+OUT = Path(".")
+CKPT_OTHER: str | None = None
+PACKAGE = "lightning.pytorch"
+ACCELERATOR = "cpu"
+pl: Any = None  # the Lightning package
+dp: Any = None  # distplateau's module for it
+Trainer: Any = None
+ModelCheckpoint: Any = None
+# Built by load_lightning() on the classes of that package, from the ...Hooks classes below.
+Model: Any = None
+LrHistory: Any = None
+RecordingIO: Any = None
 
 
 class Indexed(Dataset):
@@ -70,8 +81,9 @@ def train_data(n: int = 16) -> TensorDataset:
     return TensorDataset(torch.arange(n), x, x @ torch.tensor([1.0, -2.0, 0.5]) + 0.25)
 
 
-class Model(LightningModule):
-    """A linear regression whose validation loss is scripted (see the module docstring)."""
+class ModelHooks:
+    """A linear regression whose validation loss is scripted (see the module docstring);
+    ``Model`` is this on the LightningModule of the package under test."""
 
     def __init__(self, scheduler: str = "ours", log_on: str = "all", strict: bool = True, val: Any = None,
                  scheduler_kwargs: dict[str, Any] | None = None, bare: bool = False) -> None:
@@ -119,25 +131,26 @@ class Model(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "strict": self.strict}}
 
 
-class LrHistory(Callback):
-    """Records the learning rate after each epoch's plateau step, and the scheduler's state."""
+class LrHistoryHooks:
+    """Records the learning rate after each epoch's plateau step, and the scheduler's state
+    (``LrHistory``: this on the package's Callback)."""
 
     def __init__(self) -> None:
         self.lrs: list[float] = []
         self.globals: list[float | None] = []
         self.restored: dict[str, Any] | None = None
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.restored = _plain(trainer.lr_scheduler_configs[0].scheduler.state_dict())
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.current_epoch > 0 and len(self.lrs) < trainer.current_epoch:
             self._record(trainer)
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._record(trainer)
 
-    def _record(self, trainer: Trainer) -> None:
+    def _record(self, trainer: Any) -> None:
         sched = trainer.lr_scheduler_configs[0].scheduler
         self.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
         self.globals.append(getattr(sched, "last_global_metric", None))
@@ -147,12 +160,11 @@ def _plain(state: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, type(None), list)) else repr(v)) for k, v in state.items()}
 
 
-def fit(model: Model, epochs: int = EPOCHS, root: str = "run", ckpt_path: str | None = None,
-        callbacks: list[Callback] | None = None, strategy: Any = None,
-        **trainer_kwargs: Any) -> tuple[Trainer, LrHistory]:
+def fit(model: Any, epochs: int = EPOCHS, root: str = "run", ckpt_path: str | None = None,
+        callbacks: list[Any] | None = None, strategy: Any = None, **trainer_kwargs: Any) -> tuple[Any, Any]:
     history = LrHistory()
     trainer = Trainer(
-        strategy=strategy or ("auto" if STRATEGY == "single" else STRATEGY), accelerator="cpu",
+        strategy=strategy or ("auto" if STRATEGY == "single" else STRATEGY), accelerator=ACCELERATOR,
         devices=2 if STRATEGY == "ddp" else 1,
         max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
@@ -163,7 +175,7 @@ def fit(model: Model, epochs: int = EPOCHS, root: str = "run", ckpt_path: str | 
     return trainer, history
 
 
-def scheduler_state(trainer: Trainer) -> dict[str, Any]:
+def scheduler_state(trainer: Any) -> dict[str, Any]:
     sched = trainer.lr_scheduler_configs[0].scheduler
     state = _plain(sched.state_dict())
     state["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
@@ -183,6 +195,8 @@ def class_swap_follows_global_schedule() -> dict[str, Any]:
             "callbacks": [f"{type(c).__module__}.{type(c).__name__}" for c in trainer.callbacks],
             "strategy": f"{type(trainer.strategy).__module__}.{type(trainer.strategy).__name__}",
             "lightning": f"{PACKAGE} {pl.__version__}",
+            "device": str(trainer.strategy.root_device),
+            "process_group": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
             "weights": {k: v.tolist() for k, v in trainer.lightning_module.state_dict().items()}}
 
 
@@ -259,8 +273,9 @@ def resume_from_other_world_size() -> dict[str, Any]:
     return {"saved": saved, "restored": h.restored, "state": scheduler_state(trainer)}
 
 
-class RecordingIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, noting which rank wrote what."""
+class RecordingIOHooks:
+    """Lightning's checkpoint writer, noting which rank wrote what (``RecordingIO``: this on the
+    package's TorchCheckpointIO)."""
 
     writes: list[str] = []
 
@@ -345,16 +360,18 @@ def horovod_fits_the_same_model_twice() -> dict[str, Any]:
 def world_size_1_checkpoint() -> dict[str, Any]:
     ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-world1"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     trainer, h = fit(Model(), epochs=3, root="world1", callbacks=[ckpt])
-    return {"path": str(OUT / "ckpt-world1" / "epoch=2.ckpt"), "lrs": h.lrs, "state": scheduler_state(trainer)}
+    return {"path": str(OUT / "ckpt-world1" / "epoch=2.ckpt"), "lrs": h.lrs, "state": scheduler_state(trainer),
+            "device": str(trainer.strategy.root_device)}
 
 
+#: The scenarios each launch runs, in order; ``single`` is one process that writes a checkpoint
+#: (``world_size_1_checkpoint``), or resumes ``CKPT_OTHER`` when given (``resume_from_other_world_size``).
 SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
     "ddp": [plain_torch_scheduler_diverges, class_swap_follows_global_schedule, sample_counts_weight_uneven_shards,
             padded_sampler_gives_the_mean_over_the_dataset, stops_together, warmup_then_plateau,
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises],
-    "single": [resume_from_other_world_size] if CKPT_OTHER else [world_size_1_checkpoint],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
@@ -364,10 +381,36 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
 }
 
 
-def main() -> None:
+def load_lightning(package: str) -> None:
+    """Import ``package`` (``lightning.pytorch`` or ``pytorch_lightning``) and distplateau's module
+    for it, and build ``Model``, ``LrHistory`` and ``RecordingIO`` on that package's classes.
+    Not at import: the package is chosen at run time, and importing this file imports no Lightning."""
+    global PACKAGE, pl, dp, Trainer, ModelCheckpoint, Model, LrHistory, RecordingIO
+    PACKAGE = package
+    pl = importlib.import_module(package)
+    dp = importlib.import_module(DISTPLATEAU_MODULE[package])
+    Trainer, ModelCheckpoint = pl.Trainer, pl.callbacks.ModelCheckpoint
+    Model = type("Model", (ModelHooks, pl.LightningModule), {})
+    LrHistory = type("LrHistory", (LrHistoryHooks, pl.callbacks.Callback), {})
+    checkpoint_io = importlib.import_module(f"{package}.plugins.io").TorchCheckpointIO
+    RecordingIO = type("RecordingIO", (RecordingIOHooks, checkpoint_io), {"writes": []})
+
+
+def main(argv: list[str] | None = None) -> None:
+    global STRATEGY, OUT, CKPT_OTHER, ACCELERATOR
+    args = sys.argv[1:] if argv is None else argv
+    STRATEGY, OUT, CKPT_OTHER = args[0], Path(args[1]), args[2] if len(args) > 2 else None
+    ACCELERATOR = os.environ.get("DISTPLATEAU_LIGHTNING_ACCELERATOR", "cpu")
+    load_lightning(os.environ.get("DISTPLATEAU_LIGHTNING_PACKAGE", "lightning.pytorch"))
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*(GPU available|TPU available|LOCAL_RANK|sync_dist).*")
+    if STRATEGY == "single":
+        scenarios = [resume_from_other_world_size] if CKPT_OTHER else [world_size_1_checkpoint]
+    else:
+        scenarios = SCENARIOS[STRATEGY]
     results: dict[str, Any] = {}
     rank = None
-    for scenario in SCENARIOS[STRATEGY]:
+    for scenario in scenarios:
         try:
             results[scenario.__name__] = scenario()
         except Exception:  # noqa: BLE001

@@ -13,25 +13,23 @@ barrier (5 minutes) for the agent that lost its rank. A barrier first avoids the
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-CHECKS = Path(__file__).with_name("distributed_checks.py")
+import torch.distributed as dist
+
+from tests import distributed_checks
 
 
-def main() -> None:
-    backend, out = sys.argv[1], sys.argv[2]
-    sys.argv = [str(CHECKS), backend, out]  # what the checks script reads at import
-    from tests import distributed_checks as checks  # starts the backend
-
+def main(argv: list[str] | None = None) -> None:
+    backend, out = sys.argv[1:] if argv is None else argv
     if backend == "torch":
-        destroy = checks.dist.destroy_process_group
+        destroy = dist.destroy_process_group
 
         def barrier_then_destroy() -> None:
-            checks.dist.barrier()
+            dist.barrier()
             destroy()
 
-        checks.dist.destroy_process_group = barrier_then_destroy  # type: ignore[assignment]
-    checks.main()
+        dist.destroy_process_group = barrier_then_destroy  # type: ignore[assignment]
+    distributed_checks.main([backend, out])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from tests.lightning_checks import DISTPLATEAU_MODULE
+
 GLOBAL = [2.0, 1.5, 1.5, 1.5, 1.0, 1.0]
 OFFSET = [1.0, 0.0, -0.25, -1.25]  # by sample index mod 4; 3 * 1.0 + 3 * 0 + 2 * -0.25 + 2 * -1.25 = 0
 VALIDATION = 10
@@ -52,7 +54,7 @@ def expected_lrs() -> list[float]:
     return lrs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("strategy", choices=["ddp", "horovod"])
     parser.add_argument("out", type=Path)
@@ -60,13 +62,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--ckpt", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", ".*(does not have many workers|GPU available|TPU available|sync_dist).*")
 
     package = os.environ.get("DISTPLATEAU_LIGHTNING_PACKAGE", "lightning.pytorch")
     pl: Any = importlib.import_module(package)
-    importlib.import_module({"lightning.pytorch": "distplateau.lightning",
-                             "pytorch_lightning": "distplateau.pytorch_lightning"}[package])  # strategy="horovod"
+    importlib.import_module(DISTPLATEAU_MODULE[package])  # registers strategy="horovod"
     from distplateau import DistributedReduceLROnPlateau
 
     class Values(Dataset):

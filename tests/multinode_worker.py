@@ -89,7 +89,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("backend", choices=["torch", "horovod"])
     parser.add_argument("out", type=Path)
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--hold-epoch", type=int, default=-1)
     parser.add_argument("--hold-s", type=float, default=2.0)
     parser.add_argument("--bench", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from distplateau import DistributedReduceLROnPlateau
 

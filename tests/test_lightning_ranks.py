@@ -2,15 +2,14 @@
 distplateau's ``HorovodStrategy`` under ``horovodrun -np 2 --gloo``, once per Lightning
 package (``lightning.pytorch`` and ``pytorch_lightning``, see tests/conftest.py).
 
-One launch per strategy and package runs every scenario of ``tests/lightning_checks.py``; each
-test here then compares what the ranks observed in one scenario.
+One launch per strategy and package (the module-scoped ``launch`` fixture) runs every scenario
+of ``tests/lightning_checks.py``; each test here then compares what the ranks observed in one
+scenario. Tests of one strategy only are marked ``@ddp_only`` / ``@horovod_only``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,78 +18,60 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from harness.launch import child_env, horovodrun_available, run, run_horovod
+from harness.launch import Launch, child_env, horovodrun_available, launch_log, rank_results, run, run_horovod
+from tests.lightning_checks import BASE, DRIFT
 
 from .conftest import DISTPLATEAU_MODULE
 
 pytestmark = pytest.mark.timeout(1200)  # a module fixture runs up to three launches of LAUNCH_TIMEOUT each
 
-CHECKS = str(Path(__file__).with_name("lightning_checks.py"))
+SCRIPT = str(Path(__file__).with_name("lightning_checks.py"))
 LAUNCH_TIMEOUT = 300
-BASE, DRIFT = 2.0, [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # as in lightning_checks.py
-
-
-def _results(out: Path, log: str, world: int = 2) -> tuple[list[dict[str, Any]], str]:
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {}
-             for r in range(world)]
-    return ranks, log
 
 
 @pytest.fixture(scope="module")
-def world1_checkpoint(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A checkpoint from a 1-process run, for resuming at a different world size, and its log."""
+def world1_checkpoint(lightning_package: str, tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    """A 1-process run that writes a checkpoint, for resuming at a different world size."""
     tmp = tmp_path_factory.mktemp(f"lightning-single-{lightning_package}")
     env = child_env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
-    single = run([sys.executable, CHECKS, "single", str(tmp)], LAUNCH_TIMEOUT, env)
-    result = tmp / "rank0.json"
-    ckpt = json.loads(result.read_text())["world_size_1_checkpoint"].get("path", "") if result.exists() else ""
-    return ckpt, single.stdout
+    log = launch_log(run, [sys.executable, SCRIPT, "single", str(tmp)], timeout=LAUNCH_TIMEOUT, env=env)
+    return Launch(rank_results(tmp, 1), log)
 
 
-@pytest.fixture(scope="module")
-def ddp(lightning_package: str, world1_checkpoint: tuple[str, str],
-        tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
-    tmp = tmp_path_factory.mktemp(f"lightning-ddp-{lightning_package}")
-    env = child_env({"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package})
-    ckpt, single_log = world1_checkpoint
-    try:
-        log = run([sys.executable, CHECKS, "ddp", str(tmp / "ddp"), ckpt], LAUNCH_TIMEOUT, env).stdout
-    except subprocess.TimeoutExpired as err:
-        log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
-    ranks, _ = _results(tmp / "ddp", log)
+def _checkpoint(single: Launch) -> str:
+    return (single.results.get("world_size_1_checkpoint", [None])[0] or {}).get("path", "")
+
+
+@pytest.fixture(scope="module", params=["ddp", "horovod"])
+def launch(request: pytest.FixtureRequest, lightning_package: str, world1_checkpoint: Launch,
+           tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    """Every scenario of one strategy on 2 ranks, once for all the tests of that strategy and package."""
+    strategy = request.param
+    tmp = tmp_path_factory.mktemp(f"lightning-{strategy}-{lightning_package}")
+    package = {"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package}
+    args = [SCRIPT, strategy, str(tmp / strategy), _checkpoint(world1_checkpoint)]
+    if strategy == "horovod":
+        if not horovodrun_available():
+            pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
+        log = launch_log(run_horovod, 2, args, timeout=LAUNCH_TIMEOUT, env=package)
+        return Launch(rank_results(tmp / strategy, 2), log)
+    env = child_env(package)
+    log = launch_log(run, [sys.executable, *args], timeout=LAUNCH_TIMEOUT, env=env)
+    results = rank_results(tmp / strategy, 2)
     # ... and back: the 2-rank run's checkpoint resumed by one process.
-    ckpt2 = str(tmp / "ddp" / "ckpt-same" / "epoch=2.ckpt")
-    back = run([sys.executable, CHECKS, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, env)
-    if (tmp / "back" / "rank0.json").exists():
-        ranks[0]["resume_from_world_size_2"] = json.loads((tmp / "back" / "rank0.json").read_text())[
-            "resume_from_other_world_size"]
-    return ranks, single_log + log + back.stdout
+    ckpt2 = str(tmp / strategy / "ckpt-same" / "epoch=2.ckpt")
+    back = run([sys.executable, SCRIPT, "single", str(tmp / "back"), ckpt2], LAUNCH_TIMEOUT, env)
+    results["resume_from_world_size_2"] = rank_results(tmp / "back", 1).get("resume_from_other_world_size", [None])
+    return Launch(results, world1_checkpoint.log + log + back.stdout)
 
 
-@pytest.fixture(scope="module")
-def horovod(lightning_package: str, world1_checkpoint: tuple[str, str],
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], str]:
-    if not horovodrun_available():
-        pytest.fail("Horovod is not installed: run `python -m distplateau.install_horovod`")
-    tmp = tmp_path_factory.mktemp(f"lightning-horovod-{lightning_package}")
-    try:
-        log = run_horovod(2, [CHECKS, "horovod", str(tmp), world1_checkpoint[0]], LAUNCH_TIMEOUT,
-                          {"DISTPLATEAU_LIGHTNING_PACKAGE": lightning_package}).stdout
-    except subprocess.TimeoutExpired as err:
-        log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
-    return _results(tmp, log)
+#: For the tests of one strategy only.
+ddp_only = pytest.mark.parametrize("launch", ["ddp"], indirect=True)
+horovod_only = pytest.mark.parametrize("launch", ["horovod"], indirect=True)
 
 
-@pytest.fixture(params=["ddp", "horovod"])
-def launch(request: pytest.FixtureRequest, lightning_package: str) -> tuple[list[dict[str, Any]], str]:
-    return request.getfixturevalue(request.param)
-
-
-def scenario(launch: tuple[list[dict[str, Any]], str], name: str) -> list[dict[str, Any]]:
-    ranks, log = launch
-    seen = [r.get(name) for r in ranks]
-    if any(s is None for s in seen):
-        pytest.fail(f"scenario {name} did not finish on every rank (hang or crash); output:\n{log[-6000:]}")
+def scenario(launch: Launch, name: str) -> list[dict[str, Any]]:
+    seen = launch.outcome(name)
     errors = [f"rank {r}:\n{s['error']}" for r, s in enumerate(seen) if "error" in s]
     assert not errors, "\n".join(errors)
     return seen
@@ -110,14 +91,15 @@ def torch_schedule(metrics: list[float]) -> list[float]:
 # ------------------------------------------------------------------ item 1: the class swap under DDP
 
 
-def test_plain_torch_scheduler_lets_the_ranks_learning_rates_diverge(ddp: Any) -> None:
-    rank0, rank1 = scenario(ddp, "plain_torch_scheduler_diverges")
+@ddp_only
+def test_plain_torch_scheduler_lets_the_ranks_learning_rates_diverge(launch: Launch) -> None:
+    rank0, rank1 = scenario(launch, "plain_torch_scheduler_diverges")
     assert rank0["lrs"] == torch_schedule([BASE + d for d in DRIFT])  # rank 0 sees its own, worsening loss
     assert rank1["lrs"] == torch_schedule([BASE - d for d in DRIFT])  # rank 1 sees an improving one
     assert rank0["lrs"] != rank1["lrs"]
 
 
-def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Any, lightning_package: str) -> None:
+def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Launch, lightning_package: str) -> None:
     rank0, rank1 = scenario(launch, "class_swap_follows_global_schedule")
     assert rank0["globals"] == rank1["globals"] == [BASE] * len(DRIFT)
     assert rank0["lrs"] == rank1["lrs"] == torch_schedule([BASE] * len(DRIFT))
@@ -133,21 +115,21 @@ def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Any
 # ------------------------------------------------------------------ item 3: weights
 
 
-def test_validation_sample_counts_make_the_exact_global_mean_on_uneven_shards(launch: Any) -> None:
+def test_validation_sample_counts_make_the_exact_global_mean_on_uneven_shards(launch: Launch) -> None:
     rank0, rank1 = scenario(launch, "sample_counts_weight_uneven_shards")
     # rank 0 validates [1, 2, 3] (mean 2), rank 1 [10]: (1 + 2 + 3 + 10) / 4 = 4, not (2 + 10) / 2
     assert rank0["globals"] == rank1["globals"] == [4.0, 4.0]
     assert (rank0["default_weight"], rank1["default_weight"]) == (3, 1)
 
 
-def test_padded_validation_shards_give_the_mean_over_the_dataset(launch: Any) -> None:
+def test_padded_validation_shards_give_the_mean_over_the_dataset(launch: Launch) -> None:
     rank0, rank1 = scenario(launch, "padded_sampler_gives_the_mean_over_the_dataset")
     assert rank0["sampler"] == "DistributedSampler"  # added by Lightning
     assert (rank0["default_weight"], rank1["default_weight"]) == (4, 3)  # 7 samples, none repeated
     assert rank0["globals"] == rank1["globals"] == [pytest.approx(rank0["expected"], rel=1e-12)] * 2
 
 
-def test_early_stopping_stops_every_rank_at_the_same_epoch(launch: Any) -> None:
+def test_early_stopping_stops_every_rank_at_the_same_epoch(launch: Launch) -> None:
     rank0, rank1 = scenario(launch, "stops_together")
     # best at epoch 0, no improvement at epochs 1 and 2: stop after epoch 2 of 6, on both ranks
     assert rank0["should_stop"] and rank1["should_stop"]
@@ -156,7 +138,7 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(launch: Any) -> None:
     assert rank0["state"] == rank1["state"]
 
 
-def test_warmup_then_plateau_follows_the_single_process_reference(launch: Any) -> None:
+def test_warmup_then_plateau_follows_the_single_process_reference(launch: Launch) -> None:
     rank0, rank1 = scenario(launch, "warmup_then_plateau")
     ramp = [0.1 * (0.5 + 0.5 * 1 / 2), 0.1]  # after the plateau steps of epochs 0 and 1
     assert rank0["lrs"] == rank1["lrs"]
@@ -168,7 +150,7 @@ def test_warmup_then_plateau_follows_the_single_process_reference(launch: Any) -
 # ------------------------------------------------------------------ item 6: strict=False
 
 
-def test_strict_false_metric_on_some_ranks_steps_every_rank_on_the_others(launch: Any) -> None:
+def test_strict_false_metric_on_some_ranks_steps_every_rank_on_the_others(launch: Launch) -> None:
     rank0, rank1 = scenario(launch, "strict_false_metric_on_rank0_only")
     expected = [BASE + d for d in DRIFT[:4]]  # rank 0's local means only: rank 1 contributes weight 0
     assert rank0["globals"] == rank1["globals"] == expected
@@ -176,14 +158,14 @@ def test_strict_false_metric_on_some_ranks_steps_every_rank_on_the_others(launch
     assert rank0["state"] == rank1["state"]
 
 
-def test_strict_false_metric_missing_on_every_rank_skips_the_step_everywhere(launch: Any) -> None:
+def test_strict_false_metric_missing_on_every_rank_skips_the_step_everywhere(launch: Launch) -> None:
     rank0, rank1 = scenario(launch, "strict_false_metric_missing_everywhere_skips")
     assert rank0["globals"][0] is None  # epoch 0: no validation yet, no step
     assert rank0["state"] == rank1["state"]
     assert rank0["state"]["last_epoch"] == 3
 
 
-def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hanging(launch: Any) -> None:
+def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hanging(launch: Launch) -> None:
     for seen in scenario(launch, "strict_true_metric_on_rank0_only_raises"):
         assert seen["raised"] == "MisconfigurationException"
         assert "missing on rank 1" in seen["message"]
@@ -192,8 +174,9 @@ def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hangin
 # ------------------------------------------------------------------ item 4: monitor on the scheduler
 
 
-def test_monitor_given_to_the_scheduler_is_enough_for_lightning(ddp: Any) -> None:
-    rank0, rank1 = scenario(ddp, "monitor_on_scheduler_is_enough")
+@ddp_only
+def test_monitor_given_to_the_scheduler_is_enough_for_lightning(launch: Launch) -> None:
+    rank0, rank1 = scenario(launch, "monitor_on_scheduler_is_enough")
     assert rank0["monitor"] == rank1["monitor"] == "val_loss"
     assert rank0["state"] == rank1["state"]
     assert rank0["state"]["last_epoch"] == 3
@@ -203,7 +186,8 @@ def test_monitor_given_to_the_scheduler_is_enough_for_lightning(ddp: Any) -> Non
 
 
 @pytest.mark.parametrize("name", ["resume_same_world_size", "resume_from_other_world_size"])
-def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(launch: Any, name: str) -> None:
+def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(launch: Launch,
+                                                                                     name: str) -> None:
     uninterrupted = scenario(launch, "class_swap_follows_global_schedule")[0]["state"]
     rank0, rank1 = scenario(launch, name)  # from a 2-rank / a 1-process checkpoint, on 2 ranks
     assert rank0["saved"]["last_epoch"] == 2  # saved before epoch 2's plateau step
@@ -211,11 +195,11 @@ def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterr
     assert rank0["state"] == rank1["state"] == uninterrupted
 
 
-def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted(ddp: Any) -> None:
-    uninterrupted = scenario(ddp, "class_swap_follows_global_schedule")[0]["state"]
-    ranks, log = ddp
-    back = ranks[0].get("resume_from_world_size_2")
-    assert back is not None and "error" not in back, f"1-process resume failed:\n{back or log[-6000:]}"
+@ddp_only
+def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted(launch: Launch) -> None:
+    uninterrupted = scenario(launch, "class_swap_follows_global_schedule")[0]["state"]
+    back = launch.results["resume_from_world_size_2"][0]
+    assert back is not None and "error" not in back, f"1-process resume failed:\n{back or launch.log[-6000:]}"
     assert back["restored"] == back["saved"]
     assert back["state"] == uninterrupted
 
@@ -223,8 +207,9 @@ def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted
 # ------------------------------------------------------------------ item 2: the Horovod strategy
 
 
-def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(horovod: Any, lightning_package: str) -> None:
-    rank0, rank1 = scenario(horovod, "horovod_matches_full_batch_reference")
+@horovod_only
+def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(launch: Launch, lightning_package: str) -> None:
+    rank0, rank1 = scenario(launch, "horovod_matches_full_batch_reference")
     # rank 1 starts from other weights and another lr; after the fit both equal a plain-torch
     # run from rank 0's start that averages the two ranks' batch gradients at every step
     assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
@@ -241,18 +226,21 @@ def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(horovod: Any, 
         assert seen["broadcast"] == {"from": 1} and seen["barrier"]
 
 
-def test_horovod_strategy_averages_accumulated_gradients(horovod: Any) -> None:
-    rank0, rank1 = scenario(horovod, "horovod_accumulates_gradients")  # accumulate_grad_batches=2
+@horovod_only
+def test_horovod_strategy_averages_accumulated_gradients(launch: Launch) -> None:
+    rank0, rank1 = scenario(launch, "horovod_accumulates_gradients")  # accumulate_grad_batches=2
     assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
 
 
-def test_horovod_strategy_lets_the_same_model_be_fitted_again(horovod: Any) -> None:
-    rank0, rank1 = scenario(horovod, "horovod_fits_the_same_model_twice")
+@horovod_only
+def test_horovod_strategy_lets_the_same_model_be_fitted_again(launch: Launch) -> None:
+    rank0, rank1 = scenario(launch, "horovod_fits_the_same_model_twice")
     assert rank0["weights"] == rank1["weights"]
 
 
-def test_horovod_checkpoints_are_written_by_rank0_only(horovod: Any) -> None:
-    rank0, rank1 = scenario(horovod, "horovod_checkpoints_written_by_rank0_only")
+@horovod_only
+def test_horovod_checkpoints_are_written_by_rank0_only(launch: Launch) -> None:
+    rank0, rank1 = scenario(launch, "horovod_checkpoints_written_by_rank0_only")
     assert rank0["writes"] == ["epoch=0.ckpt", "epoch=1.ckpt"]
     assert rank1["writes"] == []
     assert rank0["files"] == ["epoch=0.ckpt", "epoch=1.ckpt"]

@@ -33,12 +33,12 @@ EPOCH_SLEEP_S = 0.05  # an epoch of this toy model takes ~10 ms; resets wait for
 BATCHES = 4
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import horovod.torch as hvd
 
     from distplateau import DistributedReduceLROnPlateau
 
-    out = sys.argv[1]
+    out = (sys.argv[1:] if argv is None else argv)[0]
     plan = json.loads(open(os.path.join(out, "plan.json")).read())
     phases, tail = plan["phases"], plan["tail"]
     record = Recorder(out)

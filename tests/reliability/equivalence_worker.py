@@ -26,29 +26,34 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from distplateau import DistributedReduceLROnPlateau
 from tests.reliability.cases import expected_step, snapshot
 
-BACKEND, CASES, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
-TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("RELIABILITY_TIMEOUT_S", "60")))
+# Set by main(): the command line and this rank's place in the backend, read by the campaign below.
+BACKEND, OUT = "none", ""
+RANK, SIZE = 0, 1
+hvd: Any = None  # horovod.torch, under horovodrun
+_modules: list[Any] = []  # the backend modules whose object collectives are counted
 
-if BACKEND == "horovod":
-    import horovod.torch as hvd
 
-    hvd.init()
-    RANK, SIZE = hvd.rank(), hvd.size()
-    _modules: list[Any] = [hvd]
-elif BACKEND == "torch":
-    import torch.distributed as dist
+def init_backend(backend: str) -> None:
+    global BACKEND, RANK, SIZE, hvd, _modules
+    BACKEND = backend
+    if backend == "horovod":
+        import horovod.torch
 
-    dist.init_process_group("gloo", timeout=TIMEOUT)
-    RANK, SIZE = dist.get_rank(), dist.get_world_size()
-    _modules = [dist, dist.distributed_c10d]
-else:
-    RANK, SIZE = 0, 1
-    _modules = []
+        hvd = horovod.torch
+        hvd.init()
+        RANK, SIZE = hvd.rank(), hvd.size()
+        _modules = [hvd]
+    elif backend == "torch":
+        timeout = datetime.timedelta(seconds=float(os.environ.get("RELIABILITY_TIMEOUT_S", "60")))
+        dist.init_process_group("gloo", timeout=timeout)
+        RANK, SIZE = dist.get_rank(), dist.get_world_size()
+        _modules = [dist, dist.distributed_c10d]
 
 # Security: count every unpickling and every object collective made while step() runs. The
 # wrappers call the real functions; nothing is replaced by a fake.
@@ -65,17 +70,18 @@ def _counting(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-for _module, _name in [(pickle, "loads"), (pickle, "load")] + [
-    (m, n) for m in _modules for n in dir(m) if n.endswith("_object") or n.endswith("_object_list")
-    or n == "_unpickler"
-]:
-    setattr(_module, _name, _counting(getattr(_module, _name)))
-try:
-    import cloudpickle
+def count_unpickling() -> None:
+    for module, name in [(pickle, "loads"), (pickle, "load")] + [
+        (m, n) for m in _modules for n in dir(m) if n.endswith("_object") or n.endswith("_object_list")
+        or n == "_unpickler"
+    ]:
+        setattr(module, name, _counting(getattr(module, name)))
+    try:
+        import cloudpickle
 
-    cloudpickle.loads = _counting(cloudpickle.loads)
-except ImportError:
-    pass
+        cloudpickle.loads = _counting(cloudpickle.loads)
+    except ImportError:
+        pass
 
 
 def step(s: DistributedReduceLROnPlateau, metric: Any, weight: Any = None, passed: bool = True) -> None:
@@ -298,8 +304,12 @@ class Campaign:
 OLDER: dict[str, Any] = {}
 
 
-def main() -> None:
-    with open(CASES) as f:
+def main(argv: list[str] | None = None) -> None:
+    global OUT
+    backend, cases_path, OUT = sys.argv[1:] if argv is None else argv
+    init_backend(backend)
+    count_unpickling()
+    with open(cases_path) as f:
         cases = json.load(f)
     campaign = Campaign()
     for index, case in enumerate(cases):

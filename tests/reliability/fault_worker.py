@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from distplateau import DistributedReduceLROnPlateau
 from tests.reliability.cases import (
@@ -37,24 +38,28 @@ from tests.reliability.cases import (
     snapshot,
 )
 
-BACKEND, FAULT, OUT = sys.argv[1], sys.argv[2], sys.argv[3]
-TIMEOUT_S = float(os.environ.get("RELIABILITY_TIMEOUT_S", "30"))
 KILL_AT, SKIP_AT, STEPS = 5, 3, 8
 
-if BACKEND == "horovod":
-    import horovod.torch as hvd
+# Set by main(): the command line and this rank's place in the backend, read by the faults below.
+BACKEND, FAULT, OUT = "none", "", ""
+RANK, SIZE = 0, 1
+hvd: Any = None  # horovod.torch, under horovodrun
+RECORD: dict[str, Any] = {}
 
-    hvd.init()
-    RANK, SIZE = hvd.rank(), hvd.size()
-elif BACKEND == "torch":
-    import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    RANK, SIZE = dist.get_rank(), dist.get_world_size()
-else:
-    RANK, SIZE = 0, 1
+def init_backend(backend: str) -> None:
+    global BACKEND, RANK, SIZE, hvd
+    BACKEND = backend
+    if backend == "horovod":
+        import horovod.torch
 
-RECORD: dict[str, Any] = {"rank": RANK, "size": SIZE, "backend": BACKEND, "fault": FAULT, "states": []}
+        hvd = horovod.torch
+        hvd.init()
+        RANK, SIZE = hvd.rank(), hvd.size()
+    elif backend == "torch":
+        timeout_s = float(os.environ.get("RELIABILITY_TIMEOUT_S", "30"))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        RANK, SIZE = dist.get_rank(), dist.get_world_size()
 
 
 def write() -> None:
@@ -155,7 +160,12 @@ def resume(path: str) -> None:
     write()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global FAULT, OUT, RECORD
+    args = sys.argv[1:] if argv is None else argv
+    FAULT, OUT = args[1], args[2]
+    init_backend(args[0])
+    RECORD = {"rank": RANK, "size": SIZE, "backend": BACKEND, "fault": FAULT, "states": []}
     if FAULT == "kill":
         kill()
     elif FAULT in ("skip-exit", "skip-sync"):
@@ -163,7 +173,7 @@ def main() -> None:
     elif FAULT == "save":
         save()
     elif FAULT == "resume":
-        resume(sys.argv[4])
+        resume(args[3])
     else:
         raise SystemExit(f"unknown fault {FAULT!r}")
     shutdown()

@@ -20,23 +20,20 @@ WORLDS = [("none", 1, 80), ("torch", 2, 60), ("torch", 3, 60), ("torch", 4, 50),
           ("horovod", 2, 40), ("horovod", 3, 40), ("horovod", 4, 30)]
 IDS = [f"{b}-np{w}" for b, w, _ in WORLDS]
 ENV = {("horovod", 2): campaign.HOROVOD_TIMEOUT}
-_launches: dict[tuple[str, int], campaign.Result] = {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", params=WORLDS, ids=IDS)
 def launched(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> campaign.Result:
+    """The whole campaign on one (backend, world size), once for all the tests of that pair."""
     backend, world, count = request.param
     require(backend)
-    if (backend, world) not in _launches:
-        result = campaign.equivalence(backend, world, count, SEED, tmp_path_factory.mktemp(f"eq-{backend}{world}"),
-                                      timeout=300, env=ENV.get((backend, world)))
-        _launches[(backend, world)] = result
-        RESULTS.append(result)
-    return _launches[(backend, world)]
+    result = campaign.equivalence(backend, world, count, SEED, tmp_path_factory.mktemp(f"eq-{backend}{world}"),
+                                  timeout=300, env=ENV.get((backend, world)))
+    RESULTS.append(result)
+    return result
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("launched", WORLDS, ids=IDS, indirect=True)
 def test_every_rank_follows_torch_fed_the_reference_value_after_every_step(launched: campaign.Result) -> None:
     print(f"{launched.name}: {launched.cases} cases, {launched.steps} steps, {launched.mismatches} mismatches")
     assert not launched.problems, "\n".join(launched.problems[:10])
@@ -44,7 +41,6 @@ def test_every_rank_follows_torch_fed_the_reference_value_after_every_step(launc
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("launched", WORLDS, ids=IDS, indirect=True)
 def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(launched: campaign.Result) -> None:
     kinds = [p for p in launched.fault_problems if p.startswith("bad input")]
     assert not kinds, "\n".join(kinds)
@@ -53,7 +49,7 @@ def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(launched: cam
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("launched", [w for w in WORLDS if w[1] > 1], ids=[i for i in IDS if i != "none-np1"],
-                         indirect=True)
+                         indirect=True)  # one rank has no other rank to disagree with
 def test_state_altered_on_one_rank_makes_the_next_step_fail_on_every_rank(launched: campaign.Result) -> None:
     kinds = [p for p in launched.fault_problems if p.startswith("state altered")]
     assert not kinds, "\n".join(kinds)

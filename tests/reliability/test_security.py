@@ -33,7 +33,10 @@ def _calls_and_imports(path: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("module", ["gather.py", "scheduler.py", "decide.py", "record.py"])
+STEP_PATH = ["_gather.py", "scheduler.py", "_decide.py", "_record.py", "_messages.py", "_accelerate.py"]
+
+
+@pytest.mark.parametrize("module", STEP_PATH)
 def test_gather_path_uses_no_object_collective_and_no_pickle(module: str) -> None:
     names = _calls_and_imports(PACKAGE / module)
     forbidden = [n for n in names if n.endswith("_object") or n.endswith("_object_list")

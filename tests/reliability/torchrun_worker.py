@@ -30,12 +30,13 @@ from tests.reliability.elastic import KWARGS, LR0, Recorder, scheduler_state, sh
 BATCHES = 4
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     from distplateau import DistributedReduceLROnPlateau
 
-    out, plan = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    out, plan_path = sys.argv[1:] if argv is None else argv
+    plan = json.loads(open(plan_path).read())
     record = Recorder(out)
     restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
     # torchrun keeps one store across restarts: without a prefix per restart, a restarted
