@@ -37,6 +37,14 @@ def test_reductions(reduction, expected):
     assert run(table(1.0, 2.0, 3.0), reduction=reduction).value == expected
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "min", "max"])
+def test_a_single_contributing_rank_gives_its_value_exactly_even_negative_zero(reduction):
+    assert math.copysign(1.0, reduce([-0.0], [3.0], reduction)) == -1.0  # math.fsum([-0.0]) is 0.0
+    table = [(-0.0, 2.0, 0, 0, 1.0), (float("nan"), 1.0, 0, 0, 1.0)]
+    value = decide(table, reduction=reduction, nan_policy="drop", last_finite=None).value
+    assert math.copysign(1.0, value) == -1.0
+
+
 def test_weight_only_masks_ranks_for_sum_min_max():
     t = table(1.0, 2.0, 10.0, weights=(5.0, 1.0, 0.0))
     assert run(t, reduction="sum").value == 3.0
