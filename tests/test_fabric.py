@@ -51,20 +51,21 @@ def saved_path(launch: Launch, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ddp(fabric_package: str, tmp_path_factory: pytest.TempPathFactory) -> Launch:
-    return launch("ddp", tmp_path_factory.mktemp(f"fabric-ddp-{fabric_package}"), fabric_package)
+def launches(fabric_package: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Launch]:
+    """The package's three launches, kind -> Launch, in the order their checkpoints need: 2 ranks
+    (``ddp``) save for 1 process, which (``single``) saves for 2 ranks (``ddp_spawn``)."""
+    def out(kind: str) -> Path:
+        return tmp_path_factory.mktemp(f"fabric-{kind}-{fabric_package}")
+
+    ddp = launch("ddp", out("ddp"), fabric_package)
+    single = launch("single", out("single"), fabric_package, saved_path(ddp, "save_for_world_size_1"))
+    ddp_spawn = launch("ddp_spawn", out("spawn"), fabric_package, saved_path(single, "save_for_world_size_2"))
+    return {"ddp": ddp, "single": single, "ddp_spawn": ddp_spawn}
 
 
-@pytest.fixture(scope="module")
-def single(fabric_package: str, ddp: Launch, tmp_path_factory: pytest.TempPathFactory) -> Launch:
-    out = tmp_path_factory.mktemp(f"fabric-single-{fabric_package}")
-    return launch("single", out, fabric_package, saved_path(ddp, "save_for_world_size_1"))
-
-
-@pytest.fixture(scope="module")
-def ddp_spawn(fabric_package: str, single: Launch, tmp_path_factory: pytest.TempPathFactory) -> Launch:
-    out = tmp_path_factory.mktemp(f"fabric-spawn-{fabric_package}")
-    return launch("ddp_spawn", out, fabric_package, saved_path(single, "save_for_world_size_2"))
+@pytest.fixture
+def ddp(launches: dict[str, Launch]) -> Launch:
+    return launches["ddp"]
 
 
 def outcome(launch: Launch, name: str) -> list[dict[str, Any]]:
@@ -73,11 +74,6 @@ def outcome(launch: Launch, name: str) -> list[dict[str, Any]]:
     errors = [f"rank {r}:\n{s['error']}" for r, s in enumerate(seen) if "error" in s]
     assert not errors, "\n".join(errors)
     return seen
-
-
-@pytest.fixture(params=[kind for kind, names in LAUNCHES.items() if "class_swap_follows_global_mean" in names])
-def swap_launch(request: pytest.FixtureRequest, fabric_package: str) -> Launch:
-    return request.getfixturevalue(request.param)
 
 
 def test_the_reference_needs_every_rank_weighted_and_the_nan_dropped() -> None:
@@ -89,9 +85,10 @@ def test_the_reference_needs_every_rank_weighted_and_the_nan_dropped() -> None:
     assert lrs != schedule([math.nan if e == NAN_EPOCH else m for e, m in enumerate(metrics)])
 
 
-def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(swap_launch: Launch) -> None:
+@pytest.mark.parametrize("kind", [k for k, names in LAUNCHES.items() if "class_swap_follows_global_mean" in names])
+def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launches: dict[str, Launch], kind: str) -> None:
     metrics, lrs = reference([2] * EPOCHS)
-    for rank in outcome(swap_launch, "class_swap_follows_global_mean"):
+    for rank in outcome(launches[kind], "class_swap_follows_global_mean"):
         assert rank["backend"] == "TorchGather"  # Fabric's default process group, found by backend="auto"
         assert rank["lrs"] == lrs
         assert same(rank["metrics"], metrics)
@@ -146,7 +143,8 @@ def test_resume_at_the_same_world_size_continues_the_schedule_and_the_training(d
         assert rank["scheduler"] == uninterrupted[r]["scheduler"]
 
 
-def test_checkpoint_of_2_ranks_resumes_in_1_process(ddp: Launch, single: Launch) -> None:
+def test_checkpoint_of_2_ranks_resumes_in_1_process(launches: dict[str, Launch]) -> None:
+    ddp, single = launches["ddp"], launches["single"]
     worlds = [2] * RESUME_AT + [1] * (EPOCHS - RESUME_AT)
     metrics, lrs = reference(worlds)
     for rank in outcome(ddp, "save_for_world_size_1"):
@@ -156,7 +154,8 @@ def test_checkpoint_of_2_ranks_resumes_in_1_process(ddp: Launch, single: Launch)
     assert same(resumed["metrics"], metrics[RESUME_AT:])  # NaN at NAN_EPOCH: the one process's whole shard
 
 
-def test_checkpoint_of_1_process_resumes_on_2_ranks(single: Launch, ddp_spawn: Launch) -> None:
+def test_checkpoint_of_1_process_resumes_on_2_ranks(launches: dict[str, Launch]) -> None:
+    single, ddp_spawn = launches["single"], launches["ddp_spawn"]
     worlds = [1] * RESUME_AT + [2] * (EPOCHS - RESUME_AT)
     metrics, lrs = reference(worlds)
     (saved,) = outcome(single, "save_for_world_size_2")
@@ -167,11 +166,10 @@ def test_checkpoint_of_1_process_resumes_on_2_ranks(single: Launch, ddp_spawn: L
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_scenario_finished_without_error_on_every_rank(name: str, request: pytest.FixtureRequest,
-                                                        fabric_package: str) -> None:
+def test_scenario_finished_without_error_on_every_rank(name: str, launches: dict[str, Launch]) -> None:
     for kind, names in LAUNCHES.items():
         if name in names:
-            outcome(request.getfixturevalue(kind), name)
+            outcome(launches[kind], name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")
