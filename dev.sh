@@ -8,7 +8,7 @@
 #                       (the last release of each minor; ~8 min), one venv each in .venv-compat/ sharing .venv's torch
 #                       and Horovod; e.g. `--versions 2.6.6 --packages lightning -- tests/test_lightning.py`
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
-#   bash dev.sh reliability  the full reliability campaign on real ranks (~5 min idle), summary table
+#   bash dev.sh reliability  the full reliability campaign on real ranks (~6 min idle), summary table
 #   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~2.5 min), Markdown tables
 #   bash dev.sh ray     Ray Train: a 2-worker CPU TorchTrainer, checkpoint resume and a worker failure (~2-3 min),
 #                       in its own .venv-ray (torch 2.13.0 CPU, ray[train] 2.60.0; 1.5 GB, ~40 s to build)
