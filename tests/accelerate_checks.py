@@ -45,6 +45,7 @@ SCENARIOS: tuple[str, ...] = (
     "save_and_load_state_registered_for_checkpointing",
     "prepare_returns_ours_unwrapped",
     "accelerated_scheduler_wrapper_is_refused",
+    "prepared_validation_loader",
 )
 
 LR = 0.1
@@ -188,6 +189,30 @@ def accelerated_scheduler_wrapper_is_refused() -> dict[str, Any]:
     return {"error_message": None, "plateau_steps": scheduler.last_epoch}
 
 
+VALIDATION_LOSSES = tuple(float(i) for i in range(7))  # 7 samples on 2 processes; exact mean 3.0
+
+
+def prepared_validation_loader() -> dict[str, Any]:
+    """Validation through ``accelerator.prepare(DataLoader)``, with Accelerate's default
+    ``even_batches=True`` (shards padded with samples from the start) and with ``False``: what
+    each process sees and the global metric ``step(mean, weight=count)`` steps on."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    from torch.utils.data import DataLoader
+
+    observed = {}
+    for even_batches in (True, False):
+        accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(even_batches=even_batches))
+        loader = accelerator.prepare(DataLoader(torch.tensor(VALIDATION_LOSSES, dtype=torch.float64), batch_size=2))
+        optimizer = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=LR)
+        scheduler = accelerator.prepare(DistributedReduceLROnPlateau(optimizer, **SCHEDULER_KWARGS))
+        samples = [float(loss) for batch in loader for loss in batch]
+        scheduler.step(sum(samples) / len(samples), weight=len(samples))
+        observed[f"even_batches={even_batches}"] = {"samples": samples,
+                                                    "global_metric": scheduler.last_global_metric}
+    return observed
+
+
 def scenario(name: str, out: Path) -> dict[str, Any]:
     if name == "save_and_load_state":
         return save_and_load_state(out)
@@ -197,6 +222,8 @@ def scenario(name: str, out: Path) -> dict[str, Any]:
         return prepare_returns_ours_unwrapped()
     if name == "accelerated_scheduler_wrapper_is_refused":
         return accelerated_scheduler_wrapper_is_refused()
+    if name == "prepared_validation_loader":
+        return prepared_validation_loader()
     kind, config = name.split("_", 1)
     scheduler_class = DistributedReduceLROnPlateau if kind == "ours" else ReduceLROnPlateau
     return run(config, scheduler_class, range(len(GLOBAL_MEANS)))

@@ -29,6 +29,7 @@ from .accelerate_checks import (
     SCENARIOS,
     SCHEDULER_KWARGS,
     SHARD_SIZES,
+    VALIDATION_LOSSES,
     validation_losses,
 )
 
@@ -234,6 +235,19 @@ def test_pin_a_scheduler_wrapped_anyway_raises_on_every_rank_instead_of_repeatin
         assert "called by Accelerate's AcceleratedScheduler" in result["error_message"]
         assert "register_for_checkpointing" in result["error_message"]
         assert result["plateau_steps"] == 0
+
+
+def test_prepared_validation_loader_repeats_samples_unless_even_batches_is_false(two_processes: Results) -> None:
+    exact = sum(VALIDATION_LOSSES) / len(VALIDATION_LOSSES)
+    ranks = _observed(two_processes, "prepared_validation_loader")
+    padded = [rank["even_batches=True"] for rank in ranks]
+    unpadded = [rank["even_batches=False"] for rank in ranks]
+    seen = [sample for rank in padded for sample in rank["samples"]]
+    assert len(seen) > len(VALIDATION_LOSSES) and sorted(set(seen)) == list(VALIDATION_LOSSES)  # repeats
+    assert {rank["global_metric"] for rank in padded} == {sum(seen) / len(seen)} != {exact}
+    seen = [sample for rank in unpadded for sample in rank["samples"]]
+    assert sorted(seen) == list(VALIDATION_LOSSES)  # each sample once
+    assert {rank["global_metric"] for rank in unpadded} == {exact}
 
 
 def test_import_distplateau_does_not_import_accelerate() -> None:
