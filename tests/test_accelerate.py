@@ -8,8 +8,6 @@ with torch's ``ReduceLROnPlateau`` stepped once per evaluation on the exact glob
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from distplateau._accelerate import PREPARED_MARK
-from harness.launch import child_env, free_port, run
+from harness.launch import Launch, child_env, free_port, launch_log, rank_results, run
 
 from .accelerate_checks import (
     CONFIGS,
@@ -38,23 +36,17 @@ pytestmark = pytest.mark.timeout(2 * 300 + 60)  # the fixtures' two launches, LA
 CHECKS = str(Path(__file__).with_name("accelerate_checks.py"))
 LAUNCH_TIMEOUT = 300
 PROCESSES = 2
-Results = tuple[list[dict[str, Any]], str]
 
 
-def _launch(cmd: list[str], out: Path, processes: int) -> Results:
+def _launch(cmd: list[str], out: Path, processes: int) -> Launch:
     if importlib.util.find_spec("accelerate") is None:
         pytest.fail("Accelerate is not installed: pip install '.[accelerate]'")
-    try:
-        log = run(cmd, LAUNCH_TIMEOUT, child_env()).stdout
-    except subprocess.TimeoutExpired as err:
-        log = f"TIMED OUT after {LAUNCH_TIMEOUT}s\n{err.output}"
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) if (out / f"rank{r}.json").exists() else {}
-             for r in range(processes)]
-    return ranks, log
+    log = launch_log(run, cmd, timeout=LAUNCH_TIMEOUT, env=child_env())
+    return Launch(rank_results(out, processes), log)
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Results:
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Launch:
     """Every scenario, one ``accelerate launch`` of 2 CPU processes. ``--multi_gpu`` picks
     Accelerate's torchrun launcher; ``--cpu`` would pick its single-process one."""
     out = tmp_path_factory.mktemp("accelerate")
@@ -65,23 +57,21 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Results:
 
 
 @pytest.fixture(scope="module")
-def one_process_resume(two_processes: Results, tmp_path_factory: pytest.TempPathFactory) -> Results:
+def one_process_resume(two_processes: Launch, tmp_path_factory: pytest.TempPathFactory) -> Launch:
     """The 2-process run's checkpoint, loaded by ``accelerator.load_state`` in one process."""
-    ranks, _ = two_processes
-    checkpoint = ranks[0].get("save_and_load_state", {}).get("checkpoint", "missing")
+    saved = two_processes.results.get("save_and_load_state", [None])[0] or {}
+    checkpoint = saved.get("checkpoint", "missing")
     out = tmp_path_factory.mktemp("accelerate-resume")
     return _launch([sys.executable, CHECKS, "resume", str(out), checkpoint], out, 1)
 
 
-def _observed(results: Results, name: str) -> list[dict[str, Any]]:
-    """Scenario ``name`` on every process, or a failure that shows why it is missing."""
-    ranks, log = results
-    for rank, result in enumerate(ranks):
-        if name not in result:
-            pytest.fail(f"scenario {name!r} did not finish on rank {rank}; launch log:\n{log[-6000:]}")
-        if "error" in result[name]:
-            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{result[name]['error']}")
-    return [result[name] for result in ranks]
+def _observed(launch: Launch, name: str) -> list[dict[str, Any]]:
+    """Scenario ``name`` on every process; fails with the log if it is missing, or with its error."""
+    observed = launch.outcome(name)
+    for rank, result in enumerate(observed):
+        if "error" in result:
+            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{result['error']}")
+    return observed
 
 
 def reference(evaluations: range = range(len(GLOBAL_MEANS))) -> list[float]:
@@ -115,12 +105,12 @@ def test_the_scripted_validation_losses_have_the_global_means_and_a_misleading_m
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_scenario_finished_on_every_process(two_processes: Results, name: str) -> None:
+def test_scenario_finished_on_every_process(two_processes: Launch, name: str) -> None:
     assert len(_observed(two_processes, name)) == PROCESSES
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_prepared_scheduler_steps_once_per_evaluation_on_the_global_mean(two_processes: Results, config: str) -> None:
+def test_prepared_scheduler_steps_once_per_evaluation_on_the_global_mean(two_processes: Launch, config: str) -> None:
     observed = _observed(two_processes, f"ours_{config}")
     evaluations = len(GLOBAL_MEANS)
     for rank, result in enumerate(observed):
@@ -133,7 +123,7 @@ def test_prepared_scheduler_steps_once_per_evaluation_on_the_global_mean(two_pro
     assert observed[0]["state"] == observed[1]["state"]
 
 
-def test_gradient_accumulation_scenario_evaluates_between_sync_points(two_processes: Results) -> None:
+def test_gradient_accumulation_scenario_evaluates_between_sync_points(two_processes: Launch) -> None:
     """Half the evaluations come while gradients are accumulating: there AcceleratedScheduler
     would skip the step."""
     for result in _observed(two_processes, "ours_gradient_accumulation"):
@@ -167,7 +157,7 @@ def wrapped_torch_scheduler(rank: int, calls: list[int]) -> list[float]:
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_torch_scheduler_through_prepare_steps_as_documented(two_processes: Results, config: str) -> None:
+def test_torch_scheduler_through_prepare_steps_as_documented(two_processes: Launch, config: str) -> None:
     """What docs/guides/accelerate.md says torch's own ReduceLROnPlateau does once prepared: it
     is stepped WRAPPER_CALLS times per evaluation, each process on its own shard's loss, and the
     processes' learning rates diverge. If this fails, Accelerate changed: update the guide's table."""
@@ -184,7 +174,7 @@ def test_torch_scheduler_through_prepare_steps_as_documented(two_processes: Resu
 
 
 @pytest.mark.parametrize("name", ["save_and_load_state", "save_and_load_state_registered_for_checkpointing"])
-def test_save_state_and_load_state_resume_as_the_uninterrupted_run(two_processes: Results, name: str) -> None:
+def test_save_state_and_load_state_resume_as_the_uninterrupted_run(two_processes: Launch, name: str) -> None:
     """Through prepare(), and kept out of it with register_for_checkpointing (the way out that
     the runtime error names)."""
     for rank, result in enumerate(_observed(two_processes, name)):
@@ -195,7 +185,7 @@ def test_save_state_and_load_state_resume_as_the_uninterrupted_run(two_processes
         assert result["resumed"]["state"] == result["uninterrupted"]["state"], f"rank {rank}"
 
 
-def test_two_process_checkpoint_resumes_in_one_process(one_process_resume: Results, two_processes: Results) -> None:
+def test_two_process_checkpoint_resumes_in_one_process(one_process_resume: Launch, two_processes: Launch) -> None:
     saved = _observed(two_processes, "save_and_load_state")[0]
     (resumed,) = _observed(one_process_resume, "resume_in_one_process")
     assert resumed["num_processes"] == 1
@@ -204,12 +194,12 @@ def test_two_process_checkpoint_resumes_in_one_process(one_process_resume: Resul
     assert resumed["state"] == saved["uninterrupted"]["state"]
 
 
-def _version(results: Results) -> str:
-    ranks, _ = results
-    return str(ranks[0].get("prepare_returns_ours_unwrapped", {}).get("accelerate_version", "unknown"))
+def _version(launch: Launch) -> str:
+    pinned = launch.results.get("prepare_returns_ours_unwrapped", [None])[0] or {}
+    return str(pinned.get("accelerate_version", "unknown"))
 
 
-def test_pin_prepare_returns_a_scheduler_marked_prepared_as_it_is(two_processes: Results) -> None:
+def test_pin_prepare_returns_a_scheduler_marked_prepared_as_it_is(two_processes: Launch) -> None:
     """The Accelerate internal distplateau/_accelerate.py relies on."""
     for result in _observed(two_processes, "prepare_returns_ours_unwrapped"):
         version = result["accelerate_version"]
@@ -226,7 +216,7 @@ def test_pin_prepare_returns_a_scheduler_marked_prepared_as_it_is(two_processes:
         assert PREPARED_MARK not in result["state_dict_keys"], "the mark is deployment, not checkpointed state"
 
 
-def test_pin_a_scheduler_wrapped_anyway_raises_on_every_rank_instead_of_repeating_steps(two_processes: Results) -> None:
+def test_pin_a_scheduler_wrapped_anyway_raises_on_every_rank_instead_of_repeating_steps(two_processes: Launch) -> None:
     for result in _observed(two_processes, "accelerated_scheduler_wrapper_is_refused"):
         assert result["error_message"] is not None, (
             f"accelerate {_version(two_processes)} changed: AcceleratedScheduler.step() no longer calls "
@@ -237,7 +227,7 @@ def test_pin_a_scheduler_wrapped_anyway_raises_on_every_rank_instead_of_repeatin
         assert result["plateau_steps"] == 0
 
 
-def test_prepared_validation_loader_repeats_samples_unless_even_batches_is_false(two_processes: Results) -> None:
+def test_prepared_validation_loader_repeats_samples_unless_even_batches_is_false(two_processes: Launch) -> None:
     exact = sum(VALIDATION_LOSSES) / len(VALIDATION_LOSSES)
     ranks = _observed(two_processes, "prepared_validation_loader")
     padded = [rank["even_batches=True"] for rank in ranks]
