@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.abtest import Ratio, compare, format_table  # noqa: E402
 from distplateau import DistributedReduceLROnPlateau  # noqa: E402
-from harness.launch import run_torch  # noqa: E402
+from harness.launch import launch_json, run_torch  # noqa: E402
 
 NCCL_TIMEOUT = 300  # seconds for the whole 2-rank launch
 
@@ -58,13 +57,8 @@ def nccl(blocks: int, iters: int) -> list[Ratio] | str:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "nccl.json"
         args = [os.path.abspath(__file__), "--rank-of", str(out), "--blocks", str(blocks), "--iters", str(iters)]
-        try:
-            log = run_torch(2, args, NCCL_TIMEOUT).stdout
-        except subprocess.TimeoutExpired:
-            return f"timed out after {NCCL_TIMEOUT}s"
-        if not out.exists():
-            return "failed:\n" + log[-4000:]
-        return [Ratio(**r) for r in json.loads(out.read_text())]
+        result = launch_json(run_torch, 2, args, out=out, timeout=NCCL_TIMEOUT)
+        return result if isinstance(result, str) else [Ratio(**r) for r in result]
 
 
 def table(results: dict[str, list[Ratio] | str]) -> str:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 
 from bench import import_cost, local_step, strategy  # noqa: E402
 from bench.abtest import format_table  # noqa: E402
-from harness.launch import horovodrun_available, run_horovod, run_torch  # noqa: E402
+from harness.launch import horovodrun_available, launch_json, run_horovod, run_torch  # noqa: E402
 
 CORES = os.cpu_count() or 1
 
@@ -54,20 +53,13 @@ def _ranks(backend: str, size: int, blocks: int, iters: int, timeout: float,
            env: dict[str, str] | None = None) -> dict[str, list[dict[str, float | str]]] | str:
     """Results of ``bench/ranks.py`` on ``size`` real ranks, or why there are none."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        args = [os.path.join(ROOT, "bench", "ranks.py"), backend, out, "--blocks", str(blocks),
+        out = Path(tmp) / "result.json"
+        args = [os.path.join(ROOT, "bench", "ranks.py"), backend, str(out), "--blocks", str(blocks),
                 "--iters", str(iters)]
         launch = run_horovod if backend == "horovod" else run_torch
-        try:
-            done = launch(size, args, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout:.0f} s"
-        if done.returncode != 0 or not os.path.exists(out):
-            sys.stderr.write(done.stdout[-4000:])
-            return f"failed (exit status {done.returncode})"
-        with open(out) as f:
-            result: dict[str, list[dict[str, float | str]]] = json.load(f)
-            return result
+        result: dict[str, list[dict[str, float | str]]] | str = launch_json(launch, size, args, out=out,
+                                                                             timeout=timeout, env=env)
+        return result
 
 
 def _note(size: int) -> str:

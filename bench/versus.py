@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.abtest import Ratio, compare, format_table  # noqa: E402
-from harness.launch import horovodrun_available, run_horovod, run_torch  # noqa: E402
+from harness.launch import horovodrun_available, launch_json, run_horovod, run_torch  # noqa: E402
 
 LAUNCH_TIMEOUT = 300
 
@@ -89,17 +89,12 @@ def worker(backend: str, out: str, blocks: int, iters: int) -> None:
 
 def distributed(backend: str, blocks: int, iters: int, pythonpath: str) -> list[Ratio] | str:
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        args = [str(Path(__file__)), "--worker", backend, out, "--blocks", str(blocks), "--iters", str(iters)]
+        out = Path(tmp) / "result.json"
+        args = [str(Path(__file__)), "--worker", backend, str(out), "--blocks", str(blocks), "--iters", str(iters)]
         env = {"PYTHONPATH": os.pathsep.join([str(ROOT), pythonpath])}
         launch = run_horovod if backend == "horovod" else run_torch
-        try:
-            proc = launch(2, args, LAUNCH_TIMEOUT, env)
-        except subprocess.TimeoutExpired:
-            return f"timed out after {LAUNCH_TIMEOUT} s"
-        if not os.path.exists(out):
-            return f"failed (exit {proc.returncode}): {proc.stdout[-2000:]}"
-        return [Ratio(**r) for r in json.loads(Path(out).read_text())]
+        result = launch_json(launch, 2, args, out=out, timeout=LAUNCH_TIMEOUT, env=env)
+        return result if isinstance(result, str) else [Ratio(**r) for r in result]
 
 
 def table(rows: dict[str, list[Ratio] | str]) -> str:

@@ -128,6 +128,20 @@ def launch_log(start: Callable[..., Completed], *args: Any, timeout: float, **kw
         return f"TIMED OUT after {timeout}s\n{err.output}"
 
 
+def launch_json(start: Callable[..., Completed], *args: Any, out: Path, timeout: float, **kwargs: Any) -> Any:
+    """For benchmarks: ``start(*args, timeout=timeout, **kwargs)`` of a script that writes its
+    result as JSON to ``out``; that result, or a one-line reason why there is none (the launch's
+    output then goes to stderr), to print in a table."""
+    try:
+        done = start(*args, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if done.returncode != 0 or not out.exists():
+        sys.stderr.write(done.stdout[-4000:])
+        return f"failed (exit status {done.returncode})"
+    return json.loads(out.read_text())
+
+
 def rank_results(out_dir: Path, world: int) -> dict[str, list[Any]]:
     """The ``out_dir/rank{r}.json`` files the ranks wrote (each: check name -> what that rank
     saw) as check name -> one entry per rank, ``None`` for a rank that did not report it."""
