@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import math
-from typing import Any, SupportsFloat
+from typing import Any, Literal, SupportsFloat
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
@@ -26,6 +26,9 @@ logger = logging.getLogger("distplateau")
 # Deployment, not state: never saved, never restored from a checkpoint.
 _NOT_STATE = frozenset({"optimizer", "backend", "_process_set", "_group", "_gather", "default_weight", PREPARED_MARK})
 _DEPLOYMENT = ("backend", "default_weight", "_process_set", "_group")  # what pickle and copies keep of it
+#: The Lightning intervals: Lightning's own two, and distplateau's after each validation run.
+Interval = Literal["epoch", "step", "validation"]
+INTERVALS: tuple[Interval, ...] = ("epoch", "step", "validation")
 _FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
 
 
@@ -70,6 +73,11 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             from the scheduler (Lightning's ``LightningCLI``,
             :class:`distplateau.lightning.DistributedPlateauCallback`). Unused by
             :meth:`step` itself. Default: ``None``.
+        interval (str or None): when Lightning steps the scheduler, for ``LightningCLI`` and
+            :class:`distplateau.lightning.DistributedPlateauCallback` (the ``"interval"`` of the
+            ``lr_scheduler`` dict, which wins when both are given): ``"epoch"``, ``"step"``, or
+            ``"validation"``, once right after each validation run. ``None``: Lightning's
+            default, ``"epoch"``. Unused by :meth:`step` itself. Default: ``None``.
         stop_patience (int or None): early stopping: :attr:`should_stop` turns ``True``, on
             every rank at the same step, once ``stop_patience`` steps in a row have not
             improved ``best`` (by ``threshold``, as for the learning rate), however many
@@ -136,6 +144,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         process_set: Any = None,
         group: Any = None,
         monitor: str | None = None,
+        interval: Interval | None = None,
         stop_patience: int | None = None,
         warmup: int = 0,
         warmup_start_factor: float = 0.1,
@@ -143,6 +152,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("nan_policy", nan_policy, NAN_POLICIES)
         check_choice("backend", backend, BACKENDS)
+        if interval is not None:
+            check_choice("interval", interval, INTERVALS)
         if process_set is not None and backend not in ("auto", "horovod"):
             raise ValueError(f"process_set is a Horovod argument; it cannot go with backend={backend!r}")
         if group is not None and backend not in ("auto", "torch"):
@@ -169,6 +180,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         self._gather_world: tuple[Any, ...] = ()
         register_horovod_handler()  # if Horovod is imported: TorchState keeps this live object
         self.monitor = monitor
+        self.interval = interval
         self.default_weight: SupportsFloat | Any = None
         self.stop_patience = stop_patience
         self.steps_since_best = 0

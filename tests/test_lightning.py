@@ -162,3 +162,132 @@ def test_lightning_cli_still_returns_other_schedulers_as_lightning_does(pl: Modu
     cli = pl.cli.LightningCLI(cli_model(pl), save_config_callback=None, run=False, args=args)
     optimizers, schedulers = cli.model.configure_optimizers()
     assert isinstance(schedulers[0], torch.optim.lr_scheduler.StepLR)
+
+
+# ------------------------------------------------------------------ which boundaries are plateau steps
+
+
+def scripted_model(pl: ModuleType, values: list[float], scheduler: type = DistributedReduceLROnPlateau,
+                   **lr_scheduler: Any) -> Any:
+    """Logs ``values[k]`` as ``val_loss`` at the k-th validation run (sanity check excluded) and
+    records each plateau step as (metric, learning rate after it)."""
+
+    class Scripted(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self.runs = 0
+            self.steps: list[tuple[float, float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0]).sum() * 0.0
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+        def on_validation_epoch_end(self) -> None:
+            if not self.trainer.sanity_checking:
+                self.log("val_loss", float(values[self.runs]))
+                self.runs += 1
+
+        def lr_scheduler_step(self, sched: Any, metric: Any) -> None:
+            super().lr_scheduler_step(sched, metric)
+            self.steps.append((float(metric), sched.optimizer.param_groups[0]["lr"]))
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.ones(8, 1)), batch_size=2)  # 4 batches an epoch
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.ones(2, 1)), batch_size=2)
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=1.0)
+            sched = scheduler(opt, factor=0.5, patience=0, **lr_scheduler.pop("scheduler_kwargs", {}))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", **lr_scheduler}}
+
+    return Scripted()
+
+
+def _fit(pl: ModuleType, model: Any, tmp_path: Any, epochs: int, **trainer_kwargs: Any) -> Any:
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, **trainer_kwargs)
+    trainer.fit(model)
+    return trainer
+
+
+def _torch_lrs(values: list[float], patience: int = 0) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=patience)
+    lrs = []
+    for value in values:
+        sched.step(value)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_lightning_steps_torchs_scheduler_again_on_a_stale_value(pl: ModuleType, tmp_path: Any) -> None:
+    # What the default does for the user: pinned, so that a Lightning release that fixes it shows here.
+    model = scripted_model(pl, [9.0, 8.0, 7.0], torch.optim.lr_scheduler.ReduceLROnPlateau, strict=False)
+    _fit(pl, model, tmp_path, epochs=6, check_val_every_n_epoch=2)
+    assert [m for m, _ in model.steps] == [9.0, 9.0, 8.0, 8.0, 7.0], f"Lightning {pl.__version__} changed"
+    assert model.steps[-1][1] == 0.25  # two cuts for a metric that improved at every validation
+
+
+def test_an_epoch_without_a_new_value_is_no_plateau_step_and_no_error(pl: ModuleType, tmp_path: Any) -> None:
+    model = scripted_model(pl, [9.0, 8.0, 7.0])  # strict=True, Lightning's default
+    trainer = _fit(pl, model, tmp_path, epochs=6, check_val_every_n_epoch=2)
+    assert model.steps == [(9.0, 1.0), (8.0, 1.0), (7.0, 1.0)]
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert (sched.last_epoch, sched.num_bad_epochs, sched.best) == (3, 0, 7.0)
+
+
+def test_a_metric_never_logged_still_raises_after_the_first_validation(pl: ModuleType, tmp_path: Any) -> None:
+    model = scripted_model(pl, [9.0, 8.0])
+    model.configure_optimizers = lambda: {  # type: ignore[method-assign]
+        "optimizer": (opt := torch.optim.SGD(model.parameters(), lr=1.0)),
+        "lr_scheduler": {"scheduler": DistributedReduceLROnPlateau(opt), "monitor": "val_los"}}
+    with pytest.raises(pl.utilities.exceptions.MisconfigurationException, match="val_los which is not available"):
+        _fit(pl, model, tmp_path, epochs=2)
+
+
+def test_interval_validation_steps_once_after_each_validation_run(pl: ModuleType, tmp_path: Any) -> None:
+    values = [5.0, 4.0, 4.0, 4.0, 3.0, 3.0, 3.0, 3.0, 2.0, 2.0, 2.0, 2.0]
+    model = scripted_model(pl, values, interval="validation")
+    trainer = _fit(pl, model, tmp_path, epochs=3, val_check_interval=0.25)
+    assert model.runs == 12
+    assert model.steps == list(zip(values, _torch_lrs(values)))
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 12
+
+
+def test_interval_validation_comes_from_the_scheduler_and_frequency_counts_validation_runs(pl: ModuleType,
+                                                                                          tmp_path: Any) -> None:
+    values = [5.0, 4.0, 4.0, 4.0, 3.0, 3.0]
+    model = scripted_model(pl, values, frequency=2, scheduler_kwargs={"interval": "validation"})
+    _fit(pl, model, tmp_path, epochs=3, val_check_interval=0.5)
+    assert model.steps == list(zip(values[1::2], _torch_lrs(values[1::2])))
+
+
+def test_interval_validation_stops_at_the_step_that_decides_it(pl: ModuleType, tmp_path: Any) -> None:
+    model = scripted_model(pl, [5.0, 4.0, 4.0, 4.0, 4.0, 4.0], interval="validation",
+                           scheduler_kwargs={"stop_patience": 1})
+    trainer = _fit(pl, model, tmp_path, epochs=3, val_check_interval=0.5)
+    assert [m for m, _ in model.steps] == [5.0, 4.0, 4.0]
+    assert trainer.should_stop and model.runs == 3
+    assert trainer.global_step == 6  # mid-epoch: after 2 of the second epoch's 4 batches
+
+
+def test_interval_validation_with_torchs_scheduler_names_ours(pl: ModuleType, tmp_path: Any) -> None:
+    model = scripted_model(pl, [5.0], torch.optim.lr_scheduler.ReduceLROnPlateau, interval="validation")
+    with pytest.raises(pl.utilities.exceptions.MisconfigurationException,
+                       match='"interval": "validation" .* only distplateau.DistributedReduceLROnPlateau does'):
+        _fit(pl, model, tmp_path, epochs=1)
+
+
+def test_lightning_cli_carries_the_validation_interval(pl: ModuleType, dp: ModuleType, tmp_path: Any) -> None:
+    args = [*_cli_args(tmp_path), "--lr_scheduler.interval", "validation", "--trainer.val_check_interval", "0.5"]
+    cli = pl.cli.LightningCLI(cli_model(pl), save_config_callback=None, args=["fit", *args])
+    sched = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert sched.interval == "validation"
+    assert sched.last_epoch == 6  # two validation runs in each of 3 epochs
+    conf = cli.model.configure_optimizers()
+    assert conf["lr_scheduler"]["interval"] == "validation"

@@ -33,6 +33,7 @@ _Callback: Any = object
 __all__ = ["PlateauCallbackBase", "attach_monitor", "add_monitor_to_cli"]
 
 _CHECKPOINT_KEY = "distplateau_pending_steps"
+_VALIDATIONS_KEY = "distplateau_validation_runs"
 
 
 class PlateauCallbackBase(_Callback):
@@ -111,6 +112,10 @@ class PlateauCallbackBase(_Callback):
         self._active = False  # ... and a DistributedReduceLROnPlateau is configured
         self._stepped_epoch = -1  # the last epoch whose plateau step Lightning reached
         self._pending: dict[str, Any] | None = None  # from a checkpoint, for on_train_start
+        self._validations = 0  # validation runs of this fit, sanity check excluded; in checkpoints
+        self._after_validation: set[int] = set()  # ids of the schedulers configured "interval": "validation"
+        self._plateaus: dict[int, _Plateau] = {}  # by id of the scheduler, during fit
+        self._module_step: Callable[[Any, Any], None] = lambda scheduler, metric: None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         callbacks = trainer.callbacks
@@ -119,8 +124,11 @@ class PlateauCallbackBase(_Callback):
             return
         self._samples = None
         self._stepped_epoch = -1
+        self._validations = 0
+        self._after_validation = set()
         configure = pl_module.configure_optimizers
-        self._undo.append(compat.shadow(pl_module, "configure_optimizers", lambda: attach_monitor(configure())))
+        self._undo.append(compat.shadow(pl_module, "configure_optimizers",
+                                        lambda: self._take_validation_intervals(attach_monitor(configure()))))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # The strategy has configured the schedulers by now, and no validation has run.
@@ -128,15 +136,23 @@ class PlateauCallbackBase(_Callback):
         if not self._active:
             return
         compat.check(trainer)
+        self._plateaus = {id(c.scheduler): _Plateau(c, id(c.scheduler) in self._after_validation)
+                          for c in trainer.lr_scheduler_configs if _ours(c)}
         monitor_value = self._monitor_value
         self._undo.append(compat.on_monitor_lookup(trainer, lambda lookup, key: monitor_value(trainer, lookup, key)))
         step = pl_module.lr_scheduler_step  # the LightningModule hook that steps each scheduler
+        self._module_step = step
 
-        def step_then_stop(scheduler: Any, metric: Any) -> None:
-            step(scheduler, metric)
-            _stop_if_asked(trainer, scheduler)
+        def lightning_steps(scheduler: Any, metric: Any) -> None:
+            plateau = self._plateaus.get(id(scheduler))
+            if plateau is None:
+                step(scheduler, metric)
+            elif not plateau.after_validation:  # those step in on_validation_end, not when Lightning says
+                if plateau.config.interval == "epoch":
+                    self._stepped_epoch = trainer.current_epoch
+                self._plateau_step(trainer, plateau, None if metric is _ABSENT else metric)
 
-        self._undo.append(compat.shadow(pl_module, "lr_scheduler_step", step_then_stop))
+        self._undo.append(compat.shadow(pl_module, "lr_scheduler_step", lightning_steps))
         if self.unpad_validation:
             self._undo.append(compat.after_validation_data_setup(trainer, lambda: _stop_padding(trainer)))
 
@@ -144,19 +160,24 @@ class PlateauCallbackBase(_Callback):
         while self._undo:
             self._undo.pop()()
         self._first = self._active = False
+        self._plateaus = {}
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # Every rank runs this hook at the same point (only rank 0 writes the file).
-        if not self._active or self._stepped_epoch == trainer.current_epoch:
+        if not self._active:
             return
-        if not compat.epoch_finished(trainer):
+        checkpoint[_VALIDATIONS_KEY] = self._validations
+        if self._stepped_epoch == trainer.current_epoch or not compat.epoch_finished(trainer):
             return  # mid-epoch: the resumed run repeats the rest of the epoch and its step
         pending = {}
         for index, config in enumerate(trainer.lr_scheduler_configs):
+            plateau = self._plateaus.get(id(config.scheduler))
             epoch_due = config.interval == "epoch" and (trainer.current_epoch + 1) % config.frequency == 0
-            if not (_ours(config) and epoch_due and config.monitor):
+            if plateau is None or plateau.after_validation or not epoch_due:
                 continue
             value = trainer.callback_metrics.get(config.monitor)
+            if not self._fresh(plateau, value):
+                continue  # the epoch's boundary will not step: nothing is pending
             weight = self._samples if self.weight_by_samples and self._samples is not None else 1
             row = [math.nan if value is None else float(value), float(weight), float(value is not None)]
             local = torch.tensor(row, dtype=torch.float64, device=trainer.strategy.root_device)
@@ -167,12 +188,15 @@ class PlateauCallbackBase(_Callback):
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._pending = checkpoint.get(_CHECKPOINT_KEY)
+        self._validations = checkpoint.get(_VALIDATIONS_KEY, 0)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         pending, self._pending = self._pending, None
-        if not self._active or not pending:
+        if not self._active:
             return
-        for index, step in pending.items():
+        for plateau in self._plateaus.values():
+            plateau.validations = self._validations  # a missing metric is stale until the next validation
+        for index, step in (pending or {}).items():
             scheduler = trainer.lr_scheduler_configs[int(index)].scheduler
             if isinstance(scheduler, DistributedReduceLROnPlateau):
                 _take_pending_step(scheduler, step["table"], trainer.global_rank)
@@ -199,23 +223,56 @@ class PlateauCallbackBase(_Callback):
         if not trainer.sanity_checking:
             self._samples = self._counting
 
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        # Before ModelCheckpoint saves (Lightning runs checkpoint callbacks last): the checkpoint
+        # of this validation holds the scheduler after its step.
+        if not self._active or trainer.sanity_checking:
+            return
+        self._validations += 1
+        for plateau in self._plateaus.values():
+            if plateau.after_validation and self._validations % plateau.config.frequency == 0:
+                self._plateau_step(trainer, plateau, trainer.callback_metrics.get(plateau.config.monitor))
+
     def _monitor_value(self, trainer: Any, lookup: Callable[[str], Any], key: str) -> Any:
+        """What Lightning hands ``lr_scheduler_step`` for ``key``: a missing metric of our
+        schedulers becomes ``_ABSENT`` instead of ``None``, so that ``_plateau_step``, not
+        Lightning's ``strict`` check, decides whether the boundary is a step at all."""
         value = lookup(key)
-        configs = [c for c in trainer.lr_scheduler_configs if c.monitor == key and _ours(c)]
-        if not configs:
-            return value
-        self._stepped_epoch = trainer.current_epoch
-        weight = self._samples if self.weight_by_samples else None
+        plateau_configs = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau and c.monitor == key]
+        if value is None and plateau_configs and all(_ours(c) for c in plateau_configs):
+            return _ABSENT
+        return value
+
+    def _fresh(self, plateau: _Plateau, value: Any) -> bool:
+        """Whether ``value``, the monitored metric now in ``trainer.callback_metrics``, was logged
+        since the scheduler's last step. Lightning puts a new tensor there each time it computes
+        a logged value, so a value not logged again is the very object the last step used. A
+        metric that is missing counts as new once a validation run has ended since that step
+        (a rank without samples may never log it; the ranks that do decide)."""
+        if value is None:
+            return self._validations > plateau.validations
+        return value is not plateau.stepped_on
+
+    def _plateau_step(self, trainer: Any, plateau: _Plateau, value: Any) -> None:
+        """Every plateau step of a DistributedReduceLROnPlateau under Lightning goes through here:
+        nothing at all (no collective) unless the monitored value is new since the last step;
+        else the ranks agree on who has it (one all-gather), then the module's
+        ``lr_scheduler_step`` steps with this rank's sample count as its weight."""
+        if not self._fresh(plateau, value):
+            return
+        plateau.stepped_on, plateau.validations = value, self._validations
+        config = plateau.config
+        key, weight = config.monitor, self._samples if self.weight_by_samples else None
         if trainer.world_size > 1:
-            # Lightning is about to step on every rank or skip on every rank, at the same point:
-            # every rank takes part in this all-gather, so the ranks learn who has the metric.
+            # Every rank is here at the same point with the same freshness: each ran the same
+            # validations and logged the same keys, or lacks the metric.
             samples = -1.0 if self._samples is None else float(self._samples)
             mine = torch.tensor([float(value is not None), samples], device=trainer.strategy.root_device)  # NCCL: GPU
             table = trainer.strategy.all_gather(mine).cpu().reshape(-1, 2).tolist()
             without = [rank for rank, (has, _) in enumerate(table) if not has]
             if without and len(without) < len(table):
                 missing = [rank for rank in without if table[rank][1] != 0]  # a rank with no sample has nothing
-                if missing and any(c.strict for c in configs):
+                if missing and config.strict:
                     raise self.misconfiguration_error(
                         f"DistributedReduceLROnPlateau monitors {key!r}, which is missing on "
                         f"{ranks_text(missing)} but present on "
@@ -224,9 +281,50 @@ class PlateauCallbackBase(_Callback):
                     )
                 if value is None:
                     value, weight = math.nan, 0
-        for config in configs:
-            config.scheduler.default_weight = weight
-        return value
+        if value is None:  # on every rank, after a validation run: Lightning's own strict handling
+            if config.strict:
+                raise self.misconfiguration_error(
+                    f"ReduceLROnPlateau conditioned on metric {key} which is not available. Available metrics are: "
+                    f"{list(trainer.callback_metrics)}. Condition can be set using `monitor` key in lr scheduler dict"
+                )
+            rank_zero_warn(f"ReduceLROnPlateau conditioned on metric {key} which is not available but strict is set "
+                           "to `False`. Skipping learning rate update.", category=RuntimeWarning)
+            return
+        config.scheduler.default_weight = weight
+        self._module_step(config.scheduler, value)
+        _stop_if_asked(trainer, config.scheduler)
+
+    def _take_validation_intervals(self, optim_conf: Any) -> Any:
+        """Hand Lightning ``"interval": "epoch"`` for each DistributedReduceLROnPlateau configured
+        with ``"validation"`` (Lightning accepts only "step" and "epoch"), and remember it: those
+        step in ``on_validation_end`` instead, and Lightning's epoch boundary leaves them alone."""
+
+        def take(entry: Any, monitor: str | None) -> Any:
+            if not isinstance(entry, dict) or entry.get("interval") != "validation":
+                return entry
+            if not isinstance(entry.get("scheduler"), DistributedReduceLROnPlateau):
+                raise self.misconfiguration_error(
+                    f'"interval": "validation" steps a plateau scheduler after each validation run, which only '
+                    f"distplateau.DistributedReduceLROnPlateau does; {type(entry.get('scheduler')).__name__} steps at "
+                    '"epoch" or "step". Use DistributedReduceLROnPlateau (a drop-in subclass of ReduceLROnPlateau).'
+                )
+            self._after_validation.add(id(entry["scheduler"]))
+            return {**entry, "interval": "epoch"}
+
+        return _map_schedulers(optim_conf, take)
+
+
+class _Plateau:
+    """What the callback keeps per DistributedReduceLROnPlateau of a fit."""
+
+    def __init__(self, config: Any, after_validation: bool) -> None:
+        self.config = config  # Lightning's LRSchedulerConfig
+        self.after_validation = after_validation  # "interval": "validation"
+        self.stepped_on: Any = None  # the callback_metrics value of the last step
+        self.validations = 0  # the callback's validation count at the last step
+
+
+_ABSENT = object()  # the monitored metric, when this rank has not logged it
 
 
 def _ours(config: Any) -> bool:
@@ -288,8 +386,9 @@ def _take_pending_step(scheduler: DistributedReduceLROnPlateau, table: list[list
 
 
 def attach_monitor(optim_conf: Any) -> Any:
-    """Add the ``monitor`` of each :class:`~distplateau.DistributedReduceLROnPlateau` built with
-    one to the ``configure_optimizers`` output that lacks it; an explicit monitor wins.
+    """Add the ``monitor`` and ``interval`` of each :class:`~distplateau.DistributedReduceLROnPlateau`
+    built with them to the ``configure_optimizers`` output that lacks them; what the output
+    says explicitly wins.
 
     Handles the forms that carry schedulers: ``([optimizers], [schedulers])``, a dict with
     ``"lr_scheduler"``, and a list of such dicts. Anything else is returned as it is.
@@ -298,18 +397,31 @@ def attach_monitor(optim_conf: Any) -> Any:
         >>> import torch
         >>> from distplateau import DistributedReduceLROnPlateau
         >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
-        >>> sched = DistributedReduceLROnPlateau(opt, monitor="val_loss")
-        >>> attach_monitor(([opt], [sched]))[1][0]["monitor"]
-        'val_loss'
+        >>> sched = DistributedReduceLROnPlateau(opt, monitor="val_loss", interval="validation")
+        >>> config = attach_monitor(([opt], [sched]))[1][0]
+        >>> config["monitor"], config["interval"]
+        ('val_loss', 'validation')
     """
+    return _map_schedulers(optim_conf, _attach_to_scheduler)
+
+
+def _map_schedulers(optim_conf: Any, change: Callable[[Any, str | None], Any]) -> Any:
+    """``optim_conf`` with each scheduler entry (a scheduler or an ``lr_scheduler`` dict) replaced
+    by ``change(entry, monitor)``, ``monitor`` being the ``"monitor"`` of the optimizer dict
+    that holds a bare scheduler (else ``None``)."""
+    def optimizer_dict(conf: dict[str, Any]) -> dict[str, Any]:
+        entry = conf.get("lr_scheduler")
+        changed = entry if entry is None else change(entry, conf.get("monitor"))
+        return conf if changed is entry else {**conf, "lr_scheduler": changed}
+
     if isinstance(optim_conf, dict):
-        return _attach_to_optimizer_dict(optim_conf)
+        return optimizer_dict(optim_conf)
     if isinstance(optim_conf, (list, tuple)):
         if len(optim_conf) == 2 and isinstance(optim_conf[0], list) and isinstance(optim_conf[1], list):
-            pair = [optim_conf[0], [_attach_to_scheduler(s) for s in optim_conf[1]]]
+            pair = [optim_conf[0], [change(s, None) for s in optim_conf[1]]]
             return tuple(pair) if isinstance(optim_conf, tuple) else pair
         if optim_conf and all(isinstance(d, dict) for d in optim_conf):
-            dicts = [_attach_to_optimizer_dict(d) for d in optim_conf]
+            dicts = [optimizer_dict(d) for d in optim_conf]
             return tuple(dicts) if isinstance(optim_conf, tuple) else dicts
     return optim_conf
 
@@ -318,18 +430,18 @@ def add_monitor_to_cli(cli_class: Any) -> None:
     """Make ``cli_class.configure_optimizers`` (``LightningCLI``'s, which adds a ``monitor`` only
     for Lightning's own ``ReduceLROnPlateau``) return a
     :class:`~distplateau.DistributedReduceLROnPlateau` built with a ``monitor`` the way it
-    returns Lightning's, ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "monitor": ...}}``,
-    so that the model's ``configure_optimizers()`` carries it in and out of ``fit``. A subclass
+    returns Lightning's, ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "monitor": ...}}``
+    (with its ``"interval"`` if built with one), so that the model's ``configure_optimizers()``
+    carries them in and out of ``fit``. A subclass
     that overrides ``configure_optimizers`` keeps its own."""
     configure = cli_class.__dict__["configure_optimizers"].__func__
     if getattr(configure, "_distplateau", False):
         return
 
     def configure_optimizers(lightning_module: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
-        monitor = _monitor_of(lr_scheduler)
-        if monitor is None:
+        if _monitor_of(lr_scheduler) is None:
             return configure(lightning_module, optimizer, lr_scheduler)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "monitor": monitor}}
+        return {"optimizer": optimizer, "lr_scheduler": _attach_to_scheduler(lr_scheduler, None)}
 
     configure_optimizers.__doc__ = configure.__doc__
     configure_optimizers._distplateau = True  # type: ignore[attr-defined]
@@ -340,18 +452,11 @@ def _monitor_of(scheduler: Any) -> str | None:
     return scheduler.monitor if isinstance(scheduler, DistributedReduceLROnPlateau) else None
 
 
-def _attach_to_scheduler(scheduler: Any) -> Any:
-    if isinstance(scheduler, dict):
-        monitor = _monitor_of(scheduler.get("scheduler"))
-        if monitor is not None and scheduler.get("monitor") is None:
-            return {**scheduler, "monitor": monitor}
-        return scheduler
-    monitor = _monitor_of(scheduler)
-    return scheduler if monitor is None else {"scheduler": scheduler, "monitor": monitor}
-
-
-def _attach_to_optimizer_dict(conf: dict[str, Any]) -> dict[str, Any]:
-    scheduler = conf.get("lr_scheduler")
-    if scheduler is None or conf.get("monitor") is not None:
-        return conf
-    return {**conf, "lr_scheduler": _attach_to_scheduler(scheduler)}
+def _attach_to_scheduler(entry: Any, monitor: str | None) -> Any:
+    config = dict(entry) if isinstance(entry, dict) else {"scheduler": entry, "monitor": monitor}
+    scheduler = config.get("scheduler")
+    if not isinstance(scheduler, DistributedReduceLROnPlateau):
+        return entry
+    added = {key: getattr(scheduler, key) for key in ("monitor", "interval")
+             if config.get(key) is None and getattr(scheduler, key) is not None}
+    return {**config, **added} if added else entry
