@@ -273,6 +273,69 @@ def resume_from_other_world_size() -> dict[str, Any]:
     return {"saved": saved, "restored": h.restored, "state": scheduler_state(trainer)}
 
 
+#: One global validation loss per validation run (``val_check_interval=0.25``: after every
+#: training batch, four a epoch): the k-th run (global step k) logs ``VALUES[k - 1]`` on average.
+VALUES = [5.0, 4.0, 4.0, 4.0, 3.0, 3.0, 3.0, 3.0, 2.0, 2.5, 2.5, 2.5]
+#: Per-sample offsets of the 7 validation samples: they sum to 0, but rank 0's (samples 0, 2, 4, 6)
+#: average +0.75 and rank 1's (1, 3, 5) -1, so only the sample-weighted mean of the ranks is VALUES.
+OFFSETS = [3.0, -1.0, 3.0, -1.0, 3.0, -1.0, -6.0]
+
+
+def no_step_without_a_new_value() -> dict[str, Any]:
+    """Validation every second epoch on a loss that improves at every validation: the epochs in
+    between bring no new value, and a step on the old one would count as a bad epoch."""
+
+    class Improving(Model):
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            loss = (10.0 - self.current_epoch + torch.where(batch.long() % 2 == 0, 0.5, -0.5)).mean()
+            self.log("val_loss", loss, batch_size=len(batch))
+
+    trainer, h = fit(Improving(scheduler_kwargs={"patience": 0}), epochs=EPOCHS, check_val_every_n_epoch=2)
+    return {"lrs": h.lrs, "state": scheduler_state(trainer)}
+
+
+def step_after_every_validation(ckpt_path: str | None = None, callbacks: list[Any] | None = None,
+                                root: str = "per-validation") -> dict[str, Any]:
+    """``"interval": "validation"`` with four validation runs an epoch, uneven shards (4 + 3)."""
+
+    class PerValidation(Model):
+        def __init__(self) -> None:
+            super().__init__(scheduler_kwargs={"interval": "validation"})
+            self.steps: list[list[Any]] = []
+
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            offsets = torch.tensor([OFFSETS[int(i)] for i in batch])
+            self.log("val_loss", (VALUES[self.global_step - 1] + offsets).mean(), batch_size=len(batch))
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(Indexed(len(OFFSETS)), batch_size=2)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(train_data(32), batch_size=4)  # 16 samples a rank: 4 batches
+
+        def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+            super().lr_scheduler_step(scheduler, metric)
+            self.steps.append([self.global_step, float(metric), scheduler.default_weight,
+                               scheduler.last_global_metric, float(scheduler.optimizer.param_groups[0]["lr"])])
+
+    model = PerValidation()
+    trainer, h = fit(model, epochs=3, root=root, ckpt_path=ckpt_path, callbacks=callbacks, val_check_interval=0.25)
+    return {"steps": model.steps, "state": scheduler_state(trainer), "restored": h.restored,
+            "interval": trainer.lr_scheduler_configs[0].interval}
+
+
+def step_after_every_validation_and_resume() -> dict[str, Any]:
+    """The run of ``step_after_every_validation`` with a checkpoint after every validation
+    run, then resumed from one saved mid-epoch (global step 6 of 12) and one at an epoch's end (8)."""
+    ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-val"), save_top_k=-1, filename="{step}")
+    result = {"uninterrupted": step_after_every_validation(callbacks=[ckpt]),
+              "files": sorted(os.listdir(OUT / "ckpt-val"))}
+    for step in (6, 8):
+        path = str(OUT / "ckpt-val" / f"step={step}.ckpt")
+        result[f"from_{step}"] = step_after_every_validation(ckpt_path=path, root=f"per-validation-{step}")
+    return result
+
+
 class RecordingIOHooks:
     """Lightning's checkpoint writer, noting which rank wrote what (``RecordingIO``: this on the
     package's TorchCheckpointIO)."""
@@ -371,13 +434,15 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
             padded_sampler_gives_the_mean_over_the_dataset, stops_together, warmup_then_plateau,
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
-            strict_true_metric_on_rank0_only_raises],
+            strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
+            step_after_every_validation_and_resume],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
                 resume_same_world_size, resume_from_other_world_size, stops_together, warmup_then_plateau,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
-                strict_true_metric_on_rank0_only_raises],
+                strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
+                step_after_every_validation_and_resume],
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from harness.launch import Launch, child_env, horovodrun_available, launch_log, rank_results, run, run_horovod
-from tests.lightning_checks import BASE, DRIFT
+from tests.lightning_checks import BASE, DRIFT, OFFSETS, VALUES
 
 from .conftest import DISTPLATEAU_MODULE
 
@@ -169,6 +169,43 @@ def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hangin
     for seen in scenario(launch, "strict_true_metric_on_rank0_only_raises"):
         assert seen["raised"] == "MisconfigurationException"
         assert "missing on rank 1" in seen["message"]
+
+
+# ------------------------------------------------------------------ which boundaries are plateau steps
+
+
+def test_epochs_without_validation_are_not_plateau_steps_on_any_rank(launch: Launch) -> None:
+    rank0, rank1 = scenario(launch, "no_step_without_a_new_value")
+    # check_val_every_n_epoch=2, patience=0, a global loss of 9, 7, 5 at epochs 1, 3, 5: three
+    # steps, all improvements; a step on the stale value at epochs 2 and 4 would have cut twice
+    assert rank0["lrs"] == rank1["lrs"] == [0.1] * len(DRIFT)
+    assert rank0["state"] == rank1["state"]
+    assert (rank0["state"]["last_epoch"], rank0["state"]["best"], rank0["state"]["num_bad_epochs"]) == (3, 5.0, 0)
+
+
+def test_interval_validation_steps_after_each_validation_run_on_its_exact_global_value(launch: Launch) -> None:
+    rank0, rank1 = (seen["uninterrupted"] for seen in scenario(launch, "step_after_every_validation_and_resume"))
+    assert [s[0] for s in rank0["steps"]] == [s[0] for s in rank1["steps"]] == list(range(1, len(VALUES) + 1))
+    # each rank steps on its own local mean with its own sample count (4 and 3 of 7 unpadded samples) ...
+    local = {0: sum(OFFSETS[0::2]) / 4, 1: sum(OFFSETS[1::2]) / 3}
+    for rank, seen in enumerate((rank0, rank1)):
+        assert [(s[1], s[2]) for s in seen["steps"]] == [(v + local[rank], 4 - rank) for v in VALUES]
+    # ... and every rank follows one process stepping torch's class on each run's exact global value
+    assert [s[3] for s in rank0["steps"]] == [s[3] for s in rank1["steps"]] == VALUES
+    assert [s[4] for s in rank0["steps"]] == [s[4] for s in rank1["steps"]] == torch_schedule(VALUES)
+    assert rank0["state"] == rank1["state"] and rank0["state"]["last_epoch"] == len(VALUES)
+
+
+@pytest.mark.parametrize("step", [6, 8])  # saved mid-epoch, and at the end of an epoch
+def test_interval_validation_resumed_from_a_checkpoint_continues_as_uninterrupted(launch: Launch, step: int) -> None:
+    seen = scenario(launch, "step_after_every_validation_and_resume")
+    assert seen[0]["files"] == [f"step={k}.ckpt" for k in sorted(range(1, len(VALUES) + 1), key=str)]
+    for rank in seen:
+        uninterrupted, resumed = rank["uninterrupted"], rank[f"from_{step}"]
+        assert resumed["steps"] == uninterrupted["steps"][step:]
+        assert resumed["state"] == uninterrupted["state"]
+    assert seen[0][f"from_{step}"]["restored"] == seen[1][f"from_{step}"]["restored"]
+    assert seen[0][f"from_{step}"]["restored"]["last_epoch"] == step
 
 
 # ------------------------------------------------------------------ item 4: monitor on the scheduler

@@ -2,10 +2,12 @@
 written once for both Lightning packages.
 
 Lightning steps a plateau scheduler with ``scheduler.step(trainer.callback_metrics[monitor])``
-on each rank on its own. This callback adds what only the trainer knows: each rank's
-number of validation samples (the weight that makes ``reduction="mean"`` the exact
-global mean), the scheduler's own ``monitor`` (for ``LightningCLI``), and a guarantee that
-every rank calls ``step`` when the monitored metric is missing on some ranks only.
+on each rank on its own, at every epoch (or step) boundary, whether the value is new or not.
+This callback adds what only the trainer knows: each rank's number of validation samples (the
+weight that makes ``reduction="mean"`` the exact global mean), the scheduler's own ``monitor``
+and ``interval`` (for ``LightningCLI``), and when a boundary is a plateau step at all. Every
+plateau step goes through :meth:`PlateauCallbackBase._plateau_step`: a boundary without a new
+value is none, and every rank calls ``step`` when the metric is missing on some ranks only.
 
 :class:`PlateauCallbackBase` imports no Lightning package: ``distplateau.lightning`` and
 ``distplateau.pytorch_lightning`` each combine it with their package's ``Callback``.
@@ -58,7 +60,12 @@ class PlateauCallbackBase(_Callback):
       by the world size), so that every sample is validated exactly once and the mean is the
       mean over the dataset (``unpad_validation``);
     * accepts ``configure_optimizers`` returning a scheduler built with
-      ``monitor="..."`` without a ``"monitor"`` key (what ``LightningCLI`` returns);
+      ``monitor="..."`` (or ``interval="..."``) without that key (what ``LightningCLI`` returns);
+    * steps the scheduler only on a value of the monitored metric logged since its last step:
+      a boundary without one (an epoch without validation under ``check_val_every_n_epoch=2``)
+      is no plateau step on any rank, with no collective and no error;
+    * steps a scheduler configured with ``"interval": "validation"`` once right after each
+      validation run of ``fit`` (``"frequency"`` counts runs), before ``ModelCheckpoint`` saves;
     * checks, in one extra all-gather of two numbers per rank and plateau step, which ranks
       have the monitored metric. On every rank: if all have it, Lightning steps as usual;
       if none has it, Lightning's own ``strict`` handling applies (an error, or a skipped
