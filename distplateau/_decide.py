@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, get_args
 from ._messages import check_choice, ranks_text
 from ._record import Problem
 
-__all__ = ["NanPolicy", "Reduction", "Decision", "NAN_POLICIES", "REDUCTIONS", "decide"]
+__all__ = ["NanPolicy", "Reduction", "Decision", "MetricMissingError", "NAN_POLICIES", "REDUCTIONS", "decide"]
 
 Reduction = Literal["mean", "sum", "min", "max"]
 NanPolicy = Literal["drop", "raise", "skip", "bad", "last", "zero"]
@@ -31,6 +31,20 @@ _HINT = (
     "pass a real scalar metric (float, int, numpy scalar or 1-element tensor) and a finite, "
     "non-negative weight, on every rank"
 )
+
+
+_MISSING = frozenset({Problem.METRIC_MISSING, Problem.METRIC_MISSING_STRICT})
+
+
+class MetricMissingError(ValueError):
+    """Raised on every rank when ranks stepped with a :class:`~distplateau._record.Missing`
+    weight and ``strict``: ``ranks`` lack the metric while others have it, or (``everywhere``)
+    no rank has it."""
+
+    def __init__(self, ranks: Sequence[int], everywhere: bool) -> None:
+        self.ranks, self.everywhere = tuple(ranks), everywhere
+        where = "every rank" if everywhere else f"{ranks_text(ranks)} but present on the others"
+        super().__init__(f"the metric is missing on {where}")
 
 
 class Decision(NamedTuple):
@@ -131,7 +145,7 @@ def check_inputs(table: Sequence[Row], ranks: Sequence[int]) -> None:
     problems: list[tuple[str, Problem]] = []
     for rank, (value, weight, metric_problem, weight_problem, _) in zip(ranks, table):
         for code, detail in ((metric_problem, value), (weight_problem, weight)):
-            if code:
+            if code and code not in _MISSING:
                 problem = Problem(int(code))
                 problems.append((_PROBLEM_TEXT[problem].format(detail=detail) + f" on rank {rank}", problem))
     if problems:
@@ -161,6 +175,25 @@ def check_same_state(table: Sequence[Row], ranks: Sequence[int]) -> None:
     )
 
 
+def check_missing(table: Sequence[Row], ranks: Sequence[int]) -> bool:
+    """Whether any rank has a metric, given the ranks that stepped with a ``Missing`` weight.
+
+    Raises:
+        MetricMissingError: on every rank, if they stepped with ``strict`` and the metric is
+            missing on every rank, or on ranks that had validation samples while others have it.
+    """
+    missing = [(rank, row) for rank, row in zip(ranks, table) if row[2] in _MISSING]
+    strict = any(row[2] == Problem.METRIC_MISSING_STRICT for _, row in missing)
+    if len(missing) == len(table):
+        if strict:
+            raise MetricMissingError([rank for rank, _ in missing], everywhere=True)
+        return False
+    lacking = [rank for rank, row in missing if row[0] != 0]  # a rank without samples has nothing to log
+    if strict and lacking:
+        raise MetricMissingError(lacking, everywhere=False)
+    return True
+
+
 def decide(
     table: Sequence[Row],
     *,
@@ -186,6 +219,8 @@ def decide(
             passed weight 0.
         RuntimeError: the ranks' scheduler states differ.
         FloatingPointError: ``nan_policy="raise"`` and a contributing metric is not finite.
+        MetricMissingError: ranks stepped with a strict ``Missing`` weight (see
+            :func:`check_missing`).
 
     Example:
         >>> nan = float("nan")
@@ -199,6 +234,8 @@ def decide(
         ranks = range(len(table))
     check_inputs(table, ranks)
     check_same_state(table, ranks)
+    if not check_missing(table, ranks):
+        return Decision(None)  # the metric is missing on every rank: change nothing
     values: list[float] = []
     weights: list[float] = []
     nonfinite: list[int] = []

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Problem", "Record", "make_record"]
+__all__ = ["Missing", "Problem", "Record", "make_record"]
 
 
 class Problem(IntEnum):
@@ -32,6 +32,8 @@ class Problem(IntEnum):
     WEIGHT_NOT_SCALAR = 7  # detail: element count
     WEIGHT_NEGATIVE = 8  # detail: the weight
     WEIGHT_NOT_FINITE = 9  # detail: the weight
+    METRIC_MISSING = 10  # not logged on this rank: contributes nothing; detail: its samples (-1: unknown)
+    METRIC_MISSING_STRICT = 11  # the same, and the ranks must raise if other ranks have it
 
 
 class Record(NamedTuple):
@@ -49,6 +51,15 @@ class Record(NamedTuple):
     metric_problem: float
     weight_problem: float
     fingerprint: float
+
+
+class Missing(NamedTuple):
+    """The weight of a rank that has no metric to contribute to this step (Lightning: the
+    monitored metric was not logged on it). Travels in the same record as a present metric,
+    so that the ranks learn who has it inside the step's one collective."""
+
+    samples: float  # the rank's validation samples; a rank with none is not missing anything; -1: unknown
+    strict: bool  # raise on every rank if some ranks have the metric and this one does not
 
 
 def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
@@ -85,6 +96,9 @@ def _scalar(x: Any, *, is_weight: bool) -> tuple[float, Problem]:
 
 def make_record(metrics: Any, weight: Any, fingerprint: float) -> Record:
     """Build this rank's record. Never raises for bad ``metrics`` or ``weight``."""
+    if isinstance(weight, Missing):
+        code = Problem.METRIC_MISSING_STRICT if weight.strict else Problem.METRIC_MISSING
+        return Record(float(weight.samples), 0.0, float(code), float(Problem.OK), fingerprint)
     value, metric_problem = _scalar(metrics, is_weight=False)
     if weight is None:
         w, weight_problem = 1.0, Problem.OK

@@ -336,6 +336,49 @@ def step_after_every_validation_and_resume() -> dict[str, Any]:
     return result
 
 
+def _counting_gathers() -> tuple[dict[str, int], Callable[[], None]]:
+    """Count every all-gather of this rank from now on (torch.distributed's and Horovod's, which
+    the scheduler's backends and the strategies' ``all_gather`` end in); returns the counts
+    and the function that stops counting."""
+    dist = torch.distributed
+    targets = [(dist, name) for name in ("all_gather", "all_gather_into_tensor", "all_gather_single",
+                                         "all_gather_object") if hasattr(dist, name)]
+    if STRATEGY == "horovod":
+        hvd = importlib.import_module("horovod.torch")
+        targets += [(hvd, "allgather"), (hvd, "allgather_async"), (hvd, "allgather_object")]
+    counts = {"gathers": 0}
+    originals = [(module, name, getattr(module, name)) for module, name in targets]
+
+    def counting(original: Callable[..., Any]) -> Callable[..., Any]:
+        def gather(*args: Any, **kwargs: Any) -> Any:
+            counts["gathers"] += 1
+            return original(*args, **kwargs)
+        return gather
+
+    for module, name, original in originals:
+        setattr(module, name, counting(original))
+
+    def stop() -> None:
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+    return counts, stop
+
+
+def one_collective_per_plateau_step() -> dict[str, Any]:
+    """Count the all-gathers of whole fits, validating every second epoch: the metric on every
+    rank, and (``strict=False``) on rank 0 only, where the ranks must learn who has it."""
+    result = {}
+    for name, model in (("everywhere", Model()), ("rank0_only", Model(log_on="rank0", strict=False))):
+        counts, stop = _counting_gathers()
+        try:
+            trainer, h = fit(model, epochs=4, root=f"count-{name}", check_val_every_n_epoch=2)
+        finally:
+            stop()
+        result[name] = {"gathers": counts["gathers"], "state": scheduler_state(trainer), "globals": h.globals}
+    return result
+
+
 class RecordingIOHooks:
     """Lightning's checkpoint writer, noting which rank wrote what (``RecordingIO``: this on the
     package's TorchCheckpointIO)."""
@@ -435,14 +478,14 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
-            step_after_every_validation_and_resume],
+            step_after_every_validation_and_resume, one_collective_per_plateau_step],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
                 resume_same_world_size, resume_from_other_world_size, stops_together, warmup_then_plateau,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
-                step_after_every_validation_and_resume],
+                step_after_every_validation_and_resume, one_collective_per_plateau_step],
 }
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from distplateau import NAN_POLICIES, decide
-from distplateau._decide import reduce
-from distplateau._record import Problem
+from distplateau._decide import MetricMissingError, reduce
+from distplateau._record import Missing, Problem, make_record
 
 NAN = math.nan
 
@@ -139,3 +139,34 @@ def test_mean_stays_finite_when_the_weighted_sum_would_overflow():
     assert run(table(-1e308, -1.5e308, weights=(3.0, 1.0))).value == pytest.approx(-1.125e308)
     assert run(table(1e308, -1e308, weights=(1e10, 1e10))).value == 0.0
     assert run(table(1.0, 3.0, weights=(1e308, 1e308))).value == 2.0
+
+
+def missing(samples: float, strict: bool) -> tuple[float, ...]:
+    return tuple(make_record(NAN, Missing(samples, strict), 7.0))
+
+
+def test_a_rank_with_a_missing_metric_contributes_nothing_without_strict():
+    t = table(1.0, 2.0, 4.0, weights=(2.0, 1.0, 1.0))
+    t[1] = missing(5, strict=False)
+    assert run(t) == (2.0, ())  # (2 * 1 + 4) / 3, rank 1 left out
+
+
+def test_strict_names_the_ranks_missing_a_metric_the_others_have():
+    t = table(1.0, 2.0, 4.0, 8.0)
+    t[1], t[3] = missing(5, strict=True), missing(-1, strict=True)  # -1: sample count unknown
+    with pytest.raises(MetricMissingError, match="missing on ranks 11, 13 but present on the others") as err:
+        run(t, ranks=[10, 11, 12, 13])
+    assert err.value.ranks == (11, 13) and not err.value.everywhere
+
+
+def test_strict_does_not_count_a_rank_without_samples_as_missing():
+    t = table(1.0, 3.0)
+    t[1] = missing(0, strict=True)
+    assert run(t) == (1.0, ())
+
+
+def test_a_metric_missing_everywhere_raises_with_strict_and_changes_nothing_without():
+    assert run([missing(3, strict=False), missing(0, strict=False)]) == (None, ())
+    with pytest.raises(MetricMissingError, match="missing on every rank") as err:
+        run([missing(3, strict=True), missing(0, strict=True)])
+    assert err.value.everywhere

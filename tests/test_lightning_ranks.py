@@ -208,6 +208,14 @@ def test_interval_validation_resumed_from_a_checkpoint_continues_as_uninterrupte
     assert seen[0][f"from_{step}"]["restored"]["last_epoch"] == step
 
 
+def test_a_plateau_step_under_lightning_is_one_collective_and_a_stale_boundary_none(launch: Launch) -> None:
+    for rank in scenario(launch, "one_collective_per_plateau_step"):
+        for case in ("everywhere", "rank0_only"):  # rank0_only: who has the metric travels in the step's record
+            # 4 epochs validating at epochs 1 and 3: two plateau steps, two all-gathers in the whole fit
+            assert rank[case]["state"]["last_epoch"] == 2
+            assert rank[case]["gathers"] == 2, case
+
+
 # ------------------------------------------------------------------ item 4: monitor on the scheduler
 
 

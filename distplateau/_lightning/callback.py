@@ -23,9 +23,9 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .._decide import decide
+from .._decide import MetricMissingError, decide
 from .._messages import ranks_text
-from .._record import make_record
+from .._record import Missing, make_record
 from ..scheduler import DistributedReduceLROnPlateau
 from . import compat
 
@@ -66,13 +66,14 @@ class PlateauCallbackBase(_Callback):
       is no plateau step on any rank, with no collective and no error;
     * steps a scheduler configured with ``"interval": "validation"`` once right after each
       validation run of ``fit`` (``"frequency"`` counts runs), before ``ModelCheckpoint`` saves;
-    * checks, in one extra all-gather of two numbers per rank and plateau step, which ranks
-      have the monitored metric. On every rank: if all have it, Lightning steps as usual;
-      if none has it, Lightning's own ``strict`` handling applies (an error, or a skipped
-      step with ``strict=False``); if only some have it, ``strict=True`` raises
+    * tells every rank which ranks have the monitored metric inside the plateau step's own
+      collective (one per step): a rank without it steps with a "missing" weight. On every
+      rank: if all have it, the step is as usual; if none has it (after a validation run),
+      Lightning's own ``strict`` handling applies (its error, or no step with
+      ``strict=False``); if only some have it, ``strict=True`` raises
       ``MisconfigurationException`` naming the ranks (a rank that validated no sample is not
       counted as missing it), and ``strict=False`` steps with the others' metrics, the ranks
-      without it contributing weight 0;
+      without it contributing nothing;
     * stops training on every rank, at the same epoch, once a scheduler built with
       ``stop_patience`` says :attr:`~distplateau.DistributedReduceLROnPlateau.should_stop`
       (``trainer.should_stop = True`` right after the plateau step, with no collective of its
@@ -263,43 +264,29 @@ class PlateauCallbackBase(_Callback):
     def _plateau_step(self, trainer: Any, plateau: _Plateau, value: Any) -> None:
         """Every plateau step of a DistributedReduceLROnPlateau under Lightning goes through here:
         nothing at all (no collective) unless the monitored value is new since the last step;
-        else the ranks agree on who has it (one all-gather), then the module's
-        ``lr_scheduler_step`` steps with this rank's sample count as its weight."""
+        else the module's ``lr_scheduler_step`` steps with this rank's sample count as its
+        weight, or, where the metric is missing, with a ``Missing`` weight that makes the step's
+        own collective tell every rank who lacks it."""
         if not self._fresh(plateau, value):
             return
         plateau.stepped_on, plateau.validations = value, self._validations
-        config = plateau.config
-        key, weight = config.monitor, self._samples if self.weight_by_samples else None
-        if trainer.world_size > 1:
-            # Every rank is here at the same point with the same freshness: each ran the same
-            # validations and logged the same keys, or lacks the metric.
-            samples = -1.0 if self._samples is None else float(self._samples)
-            mine = torch.tensor([float(value is not None), samples], device=trainer.strategy.root_device)  # NCCL: GPU
-            table = trainer.strategy.all_gather(mine).cpu().reshape(-1, 2).tolist()
-            without = [rank for rank, (has, _) in enumerate(table) if not has]
-            if without and len(without) < len(table):
-                missing = [rank for rank in without if table[rank][1] != 0]  # a rank with no sample has nothing
-                if missing and config.strict:
-                    raise self.misconfiguration_error(
-                        f"DistributedReduceLROnPlateau monitors {key!r}, which is missing on "
-                        f"{ranks_text(missing)} but present on "
-                        "the others. Log it on every rank, or set \"strict\": False in the lr_scheduler config to "
-                        "let the ranks without it contribute nothing to the step."
-                    )
-                if value is None:
-                    value, weight = math.nan, 0
-        if value is None:  # on every rank, after a validation run: Lightning's own strict handling
-            if config.strict:
-                raise self.misconfiguration_error(
-                    f"ReduceLROnPlateau conditioned on metric {key} which is not available. Available metrics are: "
-                    f"{list(trainer.callback_metrics)}. Condition can be set using `monitor` key in lr scheduler dict"
-                )
-            rank_zero_warn(f"ReduceLROnPlateau conditioned on metric {key} which is not available but strict is set "
-                           "to `False`. Skipping learning rate update.", category=RuntimeWarning)
-            return
-        config.scheduler.default_weight = weight
-        self._module_step(config.scheduler, value)
-        _stop_if_asked(trainer, config.scheduler)
+        config, scheduler = plateau.config, plateau.config.scheduler
+        if value is None:
+            # Every rank is here at the same point: each ran the same validations and logged the
+            # same keys, or lacks the metric. It contributes nothing; with strict, the step raises.
+            samples = -1 if self._samples is None else self._samples
+            value, scheduler.default_weight = math.nan, Missing(samples, config.strict)
+            if not config.strict:
+                rank_zero_warn(f"ReduceLROnPlateau conditioned on metric {config.monitor} which is not available on "
+                               "this rank but strict is set to `False`: it contributes nothing to the plateau step.",
+                               category=RuntimeWarning)
+        else:
+            scheduler.default_weight = self._samples if self.weight_by_samples else None
+        try:
+            self._module_step(scheduler, value)
+        except MetricMissingError as err:  # on every rank, from the gathered table
+            raise self.misconfiguration_error(_missing_message(config.monitor, err, trainer)) from None
+        _stop_if_asked(trainer, scheduler)
 
     def _take_validation_intervals(self, optim_conf: Any) -> Any:
         """Hand Lightning ``"interval": "epoch"`` for each DistributedReduceLROnPlateau configured
@@ -332,6 +319,15 @@ class _Plateau:
 
 
 _ABSENT = object()  # the monitored metric, when this rank has not logged it
+
+
+def _missing_message(key: str, err: MetricMissingError, trainer: Any) -> str:
+    if err.everywhere:  # Lightning's own words for a metric missing on one process
+        return (f"ReduceLROnPlateau conditioned on metric {key} which is not available. Available metrics are: "
+                f"{list(trainer.callback_metrics)}. Condition can be set using `monitor` key in lr scheduler dict")
+    return (f"DistributedReduceLROnPlateau monitors {key!r}, which is missing on {ranks_text(err.ranks)} but present "
+            "on the others. Log it on every rank, or set \"strict\": False in the lr_scheduler config to let the "
+            "ranks without it contribute nothing to the step.")
 
 
 def _ours(config: Any) -> bool:
