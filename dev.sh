@@ -30,7 +30,7 @@ setup() {
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
-  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,accelerate,test,docs]"
+  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,accelerate,transformers,test,docs]"
   "$PY" -m distplateau.install_horovod
   echo "$want" >"$stamp"
 }
