@@ -159,10 +159,15 @@ class Launch(NamedTuple):
 
     def outcome(self, name: str) -> list[Any]:
         """Every rank's outcome of check ``name``. Fails the calling test, with the end of the
-        launch's output, when a rank did not get that far (a hang or a crash)."""
+        launch's output, when a rank did not get that far (a hang or a crash), and with the
+        traceback when a rank's check raised (a rank script reports ``{"error": traceback}``)."""
+        import pytest  # only tests call this; bench/ imports this module without pytest
+
         per_rank = self.results.get(name)
         if per_rank is None or any(r is None for r in per_rank):
-            import pytest  # only tests call this; bench/ imports this module without pytest
-
             pytest.fail(f"{name} did not finish on every rank (hang or crash); launch output:\n{self.log[-6000:]}")
+        errors = [f"rank {rank}:\n{seen['error']}" for rank, seen in enumerate(per_rank)
+                  if isinstance(seen, dict) and "error" in seen]
+        if errors:
+            pytest.fail(f"{name} raised on " + "\n".join(errors))
         return per_rank

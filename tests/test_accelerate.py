@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -65,15 +64,6 @@ def one_process_resume(two_processes: Launch, tmp_path_factory: pytest.TempPathF
     return _launch([sys.executable, CHECKS, "resume", str(out), checkpoint], out, 1)
 
 
-def _observed(launch: Launch, name: str) -> list[dict[str, Any]]:
-    """Scenario ``name`` on every process; fails with the log if it is missing, or with its error."""
-    observed = launch.outcome(name)
-    for rank, result in enumerate(observed):
-        if "error" in result:
-            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{result['error']}")
-    return observed
-
-
 def reference(evaluations: range = range(len(GLOBAL_MEANS))) -> list[float]:
     """The learning rate after each evaluation of one process that steps torch's own scheduler
     once per evaluation on the mean over every rank's validation samples."""
@@ -106,12 +96,12 @@ def test_the_scripted_validation_losses_have_the_global_means_and_a_misleading_m
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario_finished_on_every_process(two_processes: Launch, name: str) -> None:
-    assert len(_observed(two_processes, name)) == PROCESSES
+    assert len(two_processes.outcome(name)) == PROCESSES
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_prepared_scheduler_steps_once_per_evaluation_on_the_global_mean(two_processes: Launch, config: str) -> None:
-    observed = _observed(two_processes, f"ours_{config}")
+    observed = two_processes.outcome(f"ours_{config}")
     evaluations = len(GLOBAL_MEANS)
     for rank, result in enumerate(observed):
         assert result["num_processes"] == PROCESSES
@@ -126,7 +116,7 @@ def test_prepared_scheduler_steps_once_per_evaluation_on_the_global_mean(two_pro
 def test_gradient_accumulation_scenario_evaluates_between_sync_points(two_processes: Launch) -> None:
     """Half the evaluations come while gradients are accumulating: there AcceleratedScheduler
     would skip the step."""
-    for result in _observed(two_processes, "ours_gradient_accumulation"):
+    for result in two_processes.outcome("ours_gradient_accumulation"):
         assert result["sync_gradients_at_evaluation"] == [False, True] * (len(GLOBAL_MEANS) // 2)
 
 
@@ -162,7 +152,7 @@ def test_torch_scheduler_through_prepare_steps_as_documented(two_processes: Laun
     is stepped WRAPPER_CALLS times per evaluation, each process on its own shard's loss, and the
     processes' learning rates diverge. If this fails, Accelerate changed: update the guide's table."""
     calls = WRAPPER_CALLS[config]
-    observed = _observed(two_processes, f"naive_{config}")
+    observed = two_processes.outcome(f"naive_{config}")
     for rank, result in enumerate(observed):
         assert result["prepared_type"] == "AcceleratedScheduler"
         assert result["plateau_steps"] == sum(calls), (
@@ -177,7 +167,7 @@ def test_torch_scheduler_through_prepare_steps_as_documented(two_processes: Laun
 def test_save_state_and_load_state_resume_as_the_uninterrupted_run(two_processes: Launch, name: str) -> None:
     """Through prepare(), and kept out of it with register_for_checkpointing (the way out that
     the runtime error names)."""
-    for rank, result in enumerate(_observed(two_processes, name)):
+    for rank, result in enumerate(two_processes.outcome(name)):
         assert result["uninterrupted"]["lrs"] == reference(), f"rank {rank}"
         assert result["resumed"]["loaded_state"] == result["saved_state"], f"rank {rank}"
         assert result["saved_state"]["last_epoch"] == SAVE_AFTER
@@ -186,8 +176,8 @@ def test_save_state_and_load_state_resume_as_the_uninterrupted_run(two_processes
 
 
 def test_two_process_checkpoint_resumes_in_one_process(one_process_resume: Launch, two_processes: Launch) -> None:
-    saved = _observed(two_processes, "save_and_load_state")[0]
-    (resumed,) = _observed(one_process_resume, "resume_in_one_process")
+    saved = two_processes.outcome("save_and_load_state")[0]
+    (resumed,) = one_process_resume.outcome("resume_in_one_process")
     assert resumed["num_processes"] == 1
     assert resumed["loaded_state"] == saved["saved_state"]
     assert resumed["lrs"] == reference()[SAVE_AFTER:]
@@ -201,7 +191,7 @@ def _version(launch: Launch) -> str:
 
 def test_pin_prepare_returns_a_scheduler_marked_prepared_as_it_is(two_processes: Launch) -> None:
     """The Accelerate internal distplateau/_accelerate.py relies on."""
-    for result in _observed(two_processes, "prepare_returns_ours_unwrapped"):
+    for result in two_processes.outcome("prepare_returns_ours_unwrapped"):
         version = result["accelerate_version"]
         assert result["returned_unwrapped"], (
             f"accelerate {version} changed: Accelerator.prepare() wrapped a scheduler marked "
@@ -217,7 +207,7 @@ def test_pin_prepare_returns_a_scheduler_marked_prepared_as_it_is(two_processes:
 
 
 def test_pin_a_scheduler_wrapped_anyway_raises_on_every_rank_instead_of_repeating_steps(two_processes: Launch) -> None:
-    for result in _observed(two_processes, "accelerated_scheduler_wrapper_is_refused"):
+    for result in two_processes.outcome("accelerated_scheduler_wrapper_is_refused"):
         assert result["error_message"] is not None, (
             f"accelerate {_version(two_processes)} changed: AcceleratedScheduler.step() no longer calls "
             "the scheduler's step() itself, so distplateau/_accelerate.py:refuse_wrapper cannot see it."
@@ -229,7 +219,7 @@ def test_pin_a_scheduler_wrapped_anyway_raises_on_every_rank_instead_of_repeatin
 
 def test_prepared_validation_loader_repeats_samples_unless_even_batches_is_false(two_processes: Launch) -> None:
     exact = sum(VALIDATION_LOSSES) / len(VALIDATION_LOSSES)
-    ranks = _observed(two_processes, "prepared_validation_loader")
+    ranks = two_processes.outcome("prepared_validation_loader")
     padded = [rank["even_batches=True"] for rank in ranks]
     unpadded = [rank["even_batches=False"] for rank in ranks]
     seen = [sample for rank in padded for sample in rank["samples"]]

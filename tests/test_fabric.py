@@ -16,7 +16,6 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -68,14 +67,6 @@ def ddp(launches: dict[str, Launch]) -> Launch:
     return launches["ddp"]
 
 
-def outcome(launch: Launch, name: str) -> list[dict[str, Any]]:
-    """What every rank observed in scenario ``name``; fails on a missing rank or an error."""
-    seen = launch.outcome(name)
-    errors = [f"rank {r}:\n{s['error']}" for r, s in enumerate(seen) if "error" in s]
-    assert not errors, "\n".join(errors)
-    return seen
-
-
 def test_the_reference_needs_every_rank_weighted_and_the_nan_dropped() -> None:
     """The scripted losses tell the recipes apart: otherwise the tests below could not fail."""
     metrics, lrs = reference([2] * EPOCHS)
@@ -88,19 +79,19 @@ def test_the_reference_needs_every_rank_weighted_and_the_nan_dropped() -> None:
 @pytest.mark.parametrize("kind", [k for k, names in LAUNCHES.items() if "class_swap_follows_global_mean" in names])
 def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launches: dict[str, Launch], kind: str) -> None:
     metrics, lrs = reference([2] * EPOCHS)
-    for rank in outcome(launches[kind], "class_swap_follows_global_mean"):
+    for rank in launches[kind].outcome("class_swap_follows_global_mean"):
         assert rank["backend"] == "TorchGather"  # Fabric's default process group, found by backend="auto"
         assert rank["lrs"] == lrs
         assert same(rank["metrics"], metrics)
 
 
 def test_scheduler_built_on_the_optimizer_before_fabric_setup_drives_it(ddp: Launch) -> None:
-    for rank in outcome(ddp, "scheduler_built_before_setup"):
+    for rank in ddp.outcome("scheduler_built_before_setup"):
         assert rank["lrs"] == reference([2] * EPOCHS)[1]
 
 
 def test_plain_scheduler_on_the_local_metric_lets_ranks_and_weights_diverge(ddp: Launch) -> None:
-    ranks = outcome(ddp, "plain_scheduler_on_local_metric")
+    ranks = ddp.outcome("plain_scheduler_on_local_metric")
     for r, rank in enumerate(ranks):
         assert rank["lrs"] == schedule([sum(s) / len(s) for s in (shard_losses(e, 2)[r] for e in range(EPOCHS))])
     assert ranks[0]["lrs"] != ranks[1]["lrs"]
@@ -109,7 +100,7 @@ def test_plain_scheduler_on_the_local_metric_lets_ranks_and_weights_diverge(ddp:
 
 def test_all_reduce_mean_then_plain_scheduler_follows_the_mean_of_rank_means(ddp: Launch) -> None:
     mean_of_means = [sum(sum(s) / len(s) for s in shard_losses(e, 2)) / 2 for e in range(EPOCHS)]
-    for rank in outcome(ddp, "all_reduce_mean_then_plain"):
+    for rank in ddp.outcome("all_reduce_mean_then_plain"):
         assert same(rank["metrics"], mean_of_means)  # NaN on every rank at NAN_EPOCH
         assert rank["lrs"] == schedule(mean_of_means) != reference([2] * EPOCHS)[1]
 
@@ -117,13 +108,13 @@ def test_all_reduce_mean_then_plain_scheduler_follows_the_mean_of_rank_means(ddp
 def test_all_reduce_sum_and_count_is_the_global_mean_until_a_nan_poisons_it(ddp: Launch) -> None:
     metrics = reference([2] * EPOCHS)[0]
     poisoned = [math.nan if e == NAN_EPOCH else m for e, m in enumerate(metrics)]
-    for rank in outcome(ddp, "all_reduce_sum_and_count_then_plain"):
+    for rank in ddp.outcome("all_reduce_sum_and_count_then_plain"):
         assert same(rank["metrics"], poisoned)
         assert rank["lrs"] == schedule(poisoned) != reference([2] * EPOCHS)[1]
 
 
 def test_setup_dataloaders_repeats_a_validation_sample_and_sharding_by_index_does_not(ddp: Launch) -> None:
-    ranks = outcome(ddp, "padded_sampler_repeats_samples")
+    ranks = ddp.outcome("padded_sampler_repeats_samples")
     padded = sorted(i for rank in ranks for i in rank["setup_dataloaders"]["indices"])
     sharded = sorted(i for rank in ranks for i in rank["shard_by_index"]["indices"])
     assert padded == [0, 0, 1, 2, 3, 4, 5, 6] and sharded == list(range(7))
@@ -134,9 +125,9 @@ def test_setup_dataloaders_repeats_a_validation_sample_and_sharding_by_index_doe
 
 
 def test_resume_at_the_same_world_size_continues_the_schedule_and_the_training(ddp: Launch) -> None:
-    uninterrupted = outcome(ddp, "class_swap_follows_global_mean")
+    uninterrupted = ddp.outcome("class_swap_follows_global_mean")
     metrics, lrs = reference([2] * EPOCHS)
-    for r, rank in enumerate(outcome(ddp, "resume_same_world_size")):
+    for r, rank in enumerate(ddp.outcome("resume_same_world_size")):
         assert rank["lrs"] == lrs[RESUME_AT:]
         assert same(rank["metrics"], metrics[RESUME_AT:])
         assert rank["weights"] == uninterrupted[r]["weights"]
@@ -147,9 +138,9 @@ def test_checkpoint_of_2_ranks_resumes_in_1_process(launches: dict[str, Launch])
     ddp, single = launches["ddp"], launches["single"]
     worlds = [2] * RESUME_AT + [1] * (EPOCHS - RESUME_AT)
     metrics, lrs = reference(worlds)
-    for rank in outcome(ddp, "save_for_world_size_1"):
+    for rank in ddp.outcome("save_for_world_size_1"):
         assert rank["lrs"] == lrs[:RESUME_AT]
-    (resumed,) = outcome(single, "resume_from_world_size_2")
+    (resumed,) = single.outcome("resume_from_world_size_2")
     assert resumed["lrs"] == lrs[RESUME_AT:]
     assert same(resumed["metrics"], metrics[RESUME_AT:])  # NaN at NAN_EPOCH: the one process's whole shard
 
@@ -158,9 +149,9 @@ def test_checkpoint_of_1_process_resumes_on_2_ranks(launches: dict[str, Launch])
     single, ddp_spawn = launches["single"], launches["ddp_spawn"]
     worlds = [1] * RESUME_AT + [2] * (EPOCHS - RESUME_AT)
     metrics, lrs = reference(worlds)
-    (saved,) = outcome(single, "save_for_world_size_2")
+    (saved,) = single.outcome("save_for_world_size_2")
     assert saved["lrs"] == lrs[:RESUME_AT]
-    for rank in outcome(ddp_spawn, "resume_from_world_size_1"):
+    for rank in ddp_spawn.outcome("resume_from_world_size_1"):
         assert rank["lrs"] == lrs[RESUME_AT:]
         assert same(rank["metrics"], metrics[RESUME_AT:])
 
@@ -169,7 +160,7 @@ def test_checkpoint_of_1_process_resumes_on_2_ranks(launches: dict[str, Launch])
 def test_scenario_finished_without_error_on_every_rank(name: str, launches: dict[str, Launch]) -> None:
     for kind, names in LAUNCHES.items():
         if name in names:
-            outcome(launches[kind], name)
+            launches[kind].outcome(name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -70,13 +69,6 @@ ddp_only = pytest.mark.parametrize("launch", ["ddp"], indirect=True)
 horovod_only = pytest.mark.parametrize("launch", ["horovod"], indirect=True)
 
 
-def scenario(launch: Launch, name: str) -> list[dict[str, Any]]:
-    seen = launch.outcome(name)
-    errors = [f"rank {r}:\n{s['error']}" for r, s in enumerate(seen) if "error" in s]
-    assert not errors, "\n".join(errors)
-    return seen
-
-
 def torch_schedule(metrics: list[float]) -> list[float]:
     """The learning rates a single-process torch ReduceLROnPlateau takes on ``metrics``."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -93,14 +85,14 @@ def torch_schedule(metrics: list[float]) -> list[float]:
 
 @ddp_only
 def test_plain_torch_scheduler_lets_the_ranks_learning_rates_diverge(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "plain_torch_scheduler_diverges")
+    rank0, rank1 = launch.outcome("plain_torch_scheduler_diverges")
     assert rank0["lrs"] == torch_schedule([BASE + d for d in DRIFT])  # rank 0 sees its own, worsening loss
     assert rank1["lrs"] == torch_schedule([BASE - d for d in DRIFT])  # rank 1 sees an improving one
     assert rank0["lrs"] != rank1["lrs"]
 
 
 def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Launch, lightning_package: str) -> None:
-    rank0, rank1 = scenario(launch, "class_swap_follows_global_schedule")
+    rank0, rank1 = launch.outcome("class_swap_follows_global_schedule")
     assert rank0["globals"] == rank1["globals"] == [BASE] * len(DRIFT)
     assert rank0["lrs"] == rank1["lrs"] == torch_schedule([BASE] * len(DRIFT))
     assert rank0["state"] == rank1["state"]
@@ -116,21 +108,21 @@ def test_class_swap_gives_every_rank_the_schedule_of_the_global_mean(launch: Lau
 
 
 def test_validation_sample_counts_make_the_exact_global_mean_on_uneven_shards(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "sample_counts_weight_uneven_shards")
+    rank0, rank1 = launch.outcome("sample_counts_weight_uneven_shards")
     # rank 0 validates [1, 2, 3] (mean 2), rank 1 [10]: (1 + 2 + 3 + 10) / 4 = 4, not (2 + 10) / 2
     assert rank0["globals"] == rank1["globals"] == [4.0, 4.0]
     assert (rank0["default_weight"], rank1["default_weight"]) == (3, 1)
 
 
 def test_padded_validation_shards_give_the_mean_over_the_dataset(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "padded_sampler_gives_the_mean_over_the_dataset")
+    rank0, rank1 = launch.outcome("padded_sampler_gives_the_mean_over_the_dataset")
     assert rank0["sampler"] == "DistributedSampler"  # added by Lightning
     assert (rank0["default_weight"], rank1["default_weight"]) == (4, 3)  # 7 samples, none repeated
     assert rank0["globals"] == rank1["globals"] == [pytest.approx(rank0["expected"], rel=1e-12)] * 2
 
 
 def test_early_stopping_stops_every_rank_at_the_same_epoch(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "stops_together")
+    rank0, rank1 = launch.outcome("stops_together")
     # best at epoch 0, no improvement at epochs 1 and 2: stop after epoch 2 of 6, on both ranks
     assert rank0["should_stop"] and rank1["should_stop"]
     assert rank0["epochs_run"] == rank1["epochs_run"] == 3
@@ -139,7 +131,7 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch(launch: Launch) -> No
 
 
 def test_warmup_then_plateau_follows_the_single_process_reference(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "warmup_then_plateau")
+    rank0, rank1 = launch.outcome("warmup_then_plateau")
     ramp = [0.1 * (0.5 + 0.5 * 1 / 2), 0.1]  # after the plateau steps of epochs 0 and 1
     assert rank0["lrs"] == rank1["lrs"]
     assert rank0["lrs"][:2] == pytest.approx(ramp, rel=1e-12)
@@ -151,7 +143,7 @@ def test_warmup_then_plateau_follows_the_single_process_reference(launch: Launch
 
 
 def test_strict_false_metric_on_some_ranks_steps_every_rank_on_the_others(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "strict_false_metric_on_rank0_only")
+    rank0, rank1 = launch.outcome("strict_false_metric_on_rank0_only")
     expected = [BASE + d for d in DRIFT[:4]]  # rank 0's local means only: rank 1 contributes weight 0
     assert rank0["globals"] == rank1["globals"] == expected
     assert rank0["lrs"] == rank1["lrs"] == torch_schedule(expected)
@@ -159,14 +151,14 @@ def test_strict_false_metric_on_some_ranks_steps_every_rank_on_the_others(launch
 
 
 def test_strict_false_metric_missing_on_every_rank_skips_the_step_everywhere(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "strict_false_metric_missing_everywhere_skips")
+    rank0, rank1 = launch.outcome("strict_false_metric_missing_everywhere_skips")
     assert rank0["globals"][0] is None  # epoch 0: no validation yet, no step
     assert rank0["state"] == rank1["state"]
     assert rank0["state"]["last_epoch"] == 2  # epochs 1 and 3 validate; epoch 2 has no new value: no step
 
 
 def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hanging(launch: Launch) -> None:
-    for seen in scenario(launch, "strict_true_metric_on_rank0_only_raises"):
+    for seen in launch.outcome("strict_true_metric_on_rank0_only_raises"):
         assert seen["raised"] == "MisconfigurationException"
         assert "missing on rank 1" in seen["message"]
 
@@ -175,7 +167,7 @@ def test_strict_true_metric_on_some_ranks_raises_on_every_rank_instead_of_hangin
 
 
 def test_epochs_without_validation_are_not_plateau_steps_on_any_rank(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "no_step_without_a_new_value")
+    rank0, rank1 = launch.outcome("no_step_without_a_new_value")
     # check_val_every_n_epoch=2, patience=0, a global loss of 9, 7, 5 at epochs 1, 3, 5: three
     # steps, all improvements; a step on the stale value at epochs 2 and 4 would have cut twice
     assert rank0["lrs"] == rank1["lrs"] == [0.1] * len(DRIFT)
@@ -184,7 +176,7 @@ def test_epochs_without_validation_are_not_plateau_steps_on_any_rank(launch: Lau
 
 
 def test_interval_validation_steps_after_each_validation_run_on_its_exact_global_value(launch: Launch) -> None:
-    rank0, rank1 = (seen["uninterrupted"] for seen in scenario(launch, "step_after_every_validation_and_resume"))
+    rank0, rank1 = (seen["uninterrupted"] for seen in launch.outcome("step_after_every_validation_and_resume"))
     assert [s[0] for s in rank0["steps"]] == [s[0] for s in rank1["steps"]] == list(range(1, len(VALUES) + 1))
     # each rank steps on its own local mean with its own sample count (4 and 3 of 7 unpadded samples) ...
     local = {0: sum(OFFSETS[0::2]) / 4, 1: sum(OFFSETS[1::2]) / 3}
@@ -198,7 +190,7 @@ def test_interval_validation_steps_after_each_validation_run_on_its_exact_global
 
 @pytest.mark.parametrize("step", [6, 8])  # saved mid-epoch, and at the end of an epoch
 def test_interval_validation_resumed_from_a_checkpoint_continues_as_uninterrupted(launch: Launch, step: int) -> None:
-    seen = scenario(launch, "step_after_every_validation_and_resume")
+    seen = launch.outcome("step_after_every_validation_and_resume")
     assert seen[0]["files"] == [f"step={k}.ckpt" for k in sorted(range(1, len(VALUES) + 1), key=str)]
     for rank in seen:
         uninterrupted, resumed = rank["uninterrupted"], rank[f"from_{step}"]
@@ -209,7 +201,7 @@ def test_interval_validation_resumed_from_a_checkpoint_continues_as_uninterrupte
 
 
 def test_a_plateau_step_under_lightning_is_one_collective_and_a_stale_boundary_none(launch: Launch) -> None:
-    for rank in scenario(launch, "one_collective_per_plateau_step"):
+    for rank in launch.outcome("one_collective_per_plateau_step"):
         for case in ("everywhere", "rank0_only"):  # rank0_only: who has the metric travels in the step's record
             # 4 epochs validating at epochs 1 and 3: two plateau steps, two all-gathers in the whole fit
             assert rank[case]["state"]["last_epoch"] == 2
@@ -221,7 +213,7 @@ def test_a_plateau_step_under_lightning_is_one_collective_and_a_stale_boundary_n
 
 @ddp_only
 def test_monitor_given_to_the_scheduler_is_enough_for_lightning(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "monitor_on_scheduler_is_enough")
+    rank0, rank1 = launch.outcome("monitor_on_scheduler_is_enough")
     assert rank0["monitor"] == rank1["monitor"] == "val_loss"
     assert rank0["state"] == rank1["state"]
     assert rank0["state"]["last_epoch"] == 3
@@ -233,8 +225,8 @@ def test_monitor_given_to_the_scheduler_is_enough_for_lightning(launch: Launch) 
 @pytest.mark.parametrize("name", ["resume_same_world_size", "resume_from_other_world_size"])
 def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterrupted(launch: Launch,
                                                                                      name: str) -> None:
-    uninterrupted = scenario(launch, "class_swap_follows_global_schedule")[0]["state"]
-    rank0, rank1 = scenario(launch, name)  # from a 2-rank / a 1-process checkpoint, on 2 ranks
+    uninterrupted = launch.outcome("class_swap_follows_global_schedule")[0]["state"]
+    rank0, rank1 = launch.outcome(name)  # from a 2-rank / a 1-process checkpoint, on 2 ranks
     assert rank0["saved"]["last_epoch"] == 2  # saved before epoch 2's plateau step
     assert rank0["restored"] == rank1["restored"] == rank0["saved"]
     assert rank0["state"] == rank1["state"] == uninterrupted
@@ -242,7 +234,7 @@ def test_resume_restores_scheduler_state_on_every_rank_and_continues_as_uninterr
 
 @ddp_only
 def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted(launch: Launch) -> None:
-    uninterrupted = scenario(launch, "class_swap_follows_global_schedule")[0]["state"]
+    uninterrupted = launch.outcome("class_swap_follows_global_schedule")[0]["state"]
     back = launch.results["resume_from_world_size_2"][0]
     assert back is not None and "error" not in back, f"1-process resume failed:\n{back or launch.log[-6000:]}"
     assert back["restored"] == back["saved"]
@@ -254,7 +246,7 @@ def test_resume_of_a_2_rank_checkpoint_in_one_process_continues_as_uninterrupted
 
 @horovod_only
 def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(launch: Launch, lightning_package: str) -> None:
-    rank0, rank1 = scenario(launch, "horovod_matches_full_batch_reference")
+    rank0, rank1 = launch.outcome("horovod_matches_full_batch_reference")
     # rank 1 starts from other weights and another lr; after the fit both equal a plain-torch
     # run from rank 0's start that averages the two ranks' batch gradients at every step
     assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
@@ -273,19 +265,19 @@ def test_horovod_strategy_broadcasts_rank0_and_averages_gradients(launch: Launch
 
 @horovod_only
 def test_horovod_strategy_averages_accumulated_gradients(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "horovod_accumulates_gradients")  # accumulate_grad_batches=2
+    rank0, rank1 = launch.outcome("horovod_accumulates_gradients")  # accumulate_grad_batches=2
     assert rank0["max_diff_to_reference"] == rank1["max_diff_to_reference"] == 0.0
 
 
 @horovod_only
 def test_horovod_strategy_lets_the_same_model_be_fitted_again(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "horovod_fits_the_same_model_twice")
+    rank0, rank1 = launch.outcome("horovod_fits_the_same_model_twice")
     assert rank0["weights"] == rank1["weights"]
 
 
 @horovod_only
 def test_horovod_checkpoints_are_written_by_rank0_only(launch: Launch) -> None:
-    rank0, rank1 = scenario(launch, "horovod_checkpoints_written_by_rank0_only")
+    rank0, rank1 = launch.outcome("horovod_checkpoints_written_by_rank0_only")
     assert rank0["writes"] == ["epoch=0.ckpt", "epoch=1.ckpt"]
     assert rank1["writes"] == []
     assert rank0["files"] == ["epoch=0.ckpt", "epoch=1.ckpt"]

@@ -52,15 +52,6 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Launch:
     return Launch(rank_results(out, PROCESSES), log)
 
 
-def _observed(launch: Launch, name: str) -> list[dict[str, Any]]:
-    """Scenario ``name`` on every process; fails with the log if it is missing, or with its error."""
-    observed = launch.outcome(name)
-    for rank, result in enumerate(observed):
-        if "error" in result:
-            pytest.fail(f"scenario {name!r} failed on rank {rank}:\n{result['error']}")
-    return observed
-
-
 def sample_losses(w: float) -> list[float]:
     """Each evaluation sample's loss for weight ``w``, from the float32 values the model sees."""
     targets = torch.tensor(EVAL_TARGETS, dtype=torch.float32).tolist()
@@ -85,11 +76,11 @@ def torch_scheduler_lrs(metrics: list[float]) -> list[float]:
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_scenario_finished_on_every_process(two_processes: Launch, name: str) -> None:
-    assert len(_observed(two_processes, name)) == PROCESSES
+    assert len(two_processes.outcome(name)) == PROCESSES
 
 
 def test_trainer_steps_the_scheduler_once_per_evaluation(two_processes: Launch) -> None:
-    for rank, run_ in enumerate(_observed(two_processes, "uninterrupted")):
+    for rank, run_ in enumerate(two_processes.outcome("uninterrupted")):
         assert run_["world_size"] == PROCESSES
         assert run_["scheduler_type"] == "DistributedReduceLROnPlateau"
         assert [e["epoch"] for e in run_["evaluations"]] == [float(e) for e in range(1, EPOCHS + 1)], f"rank {rank}"
@@ -101,7 +92,7 @@ def test_trainer_steps_the_scheduler_once_per_evaluation(two_processes: Launch) 
 def test_each_step_is_on_that_evaluations_logged_eval_loss(two_processes: Launch) -> None:
     """Trainer hands every process the same, already global value; the mean over processes of
     identical values is that value, bit for bit."""
-    for rank, run_ in enumerate(_observed(two_processes, "uninterrupted")):
+    for rank, run_ in enumerate(two_processes.outcome("uninterrupted")):
         logged = [e["eval_loss"] for e in run_["evaluations"]]
         assert [r["last_global_metric"] for r in run_["records"]] == logged, f"rank {rank}"
         assert [r["step"] for r in run_["records"]] == [e["step"] for e in run_["evaluations"]]
@@ -110,7 +101,7 @@ def test_each_step_is_on_that_evaluations_logged_eval_loss(two_processes: Launch
 def test_logged_eval_loss_is_the_exact_mean_over_the_seven_samples(two_processes: Launch) -> None:
     """With per_device_eval_batch_size=1 the padded sample (process 1 repeats sample 0) is
     dropped by gather_for_metrics: eval_loss is the mean over the 7 samples, to float32 precision."""
-    observed = _observed(two_processes, "uninterrupted")
+    observed = two_processes.outcome("uninterrupted")
     for rank, run_ in enumerate(observed):
         for record, evaluation in zip(run_["records"], run_["evaluations"], strict=True):
             assert evaluation["eval_loss"] == pytest.approx(exact_mean(record["w"]), rel=1e-6), f"rank {rank}"
@@ -118,7 +109,7 @@ def test_logged_eval_loss_is_the_exact_mean_over_the_seven_samples(two_processes
 
 
 def test_learning_rates_are_torchs_scheduler_on_the_logged_values_on_every_process(two_processes: Launch) -> None:
-    observed = _observed(two_processes, "uninterrupted")
+    observed = two_processes.outcome("uninterrupted")
     reference = torch_scheduler_lrs([e["eval_loss"] for e in observed[0]["evaluations"]])
     assert len(set(reference)) >= 3, f"the scenario should cut the learning rate at least twice: {reference}"
     for rank, run_ in enumerate(observed):
@@ -127,8 +118,8 @@ def test_learning_rates_are_torchs_scheduler_on_the_logged_values_on_every_proce
 
 
 def test_resume_from_checkpoint_continues_exactly(two_processes: Launch) -> None:
-    uninterrupted = _observed(two_processes, "uninterrupted")
-    for rank, resumed in enumerate(_observed(two_processes, "resumed")):
+    uninterrupted = two_processes.outcome("uninterrupted")
+    for rank, resumed in enumerate(two_processes.outcome("resumed")):
         expected = uninterrupted[rank]["records"]
         assert resumed["saved_state"] == expected[RESUME_AFTER - 1]["state"], f"rank {rank}"
         # Step for step: learning rate, scheduler state, the value stepped on, the model's weight.
@@ -168,7 +159,7 @@ def test_eval_loss_with_padded_evaluation_batches(two_processes: Launch, config:
     sample with a repeat (EXACT_CONFIGS). At w=0.5 the exact mean is 0.35/7 = 0.05; with batch
     size 2 the padded batch (samples 6 and 0) counts as one sample: 0.29/7; with the default
     batch size 8 only process 0's batch (all 7 samples and sample 0 again) is kept: 0.39/8."""
-    observed = [rank[config] for rank in _observed(two_processes, "eval_loss_padding")]
+    observed = [rank[config] for rank in two_processes.outcome("eval_loss_padding")]
     batch_size = PADDING_CONFIGS[config].get("per_device_eval_batch_size", 8)
     batches = [rank["batches"] for rank in observed]
     seen = [y for per_process in batches for batch in per_process for y in batch]
@@ -188,7 +179,7 @@ def test_eval_loss_with_padded_evaluation_batches(two_processes: Launch, config:
 
 def test_default_training_arguments_fail_at_the_first_evaluation_after_an_epoch(two_processes: Launch) -> None:
     """What the check saves users from (if this fails, Trainer changed: update the guide)."""
-    for result in _observed(two_processes, "default_arguments"):
+    for result in two_processes.outcome("default_arguments"):
         assert (result["error_type"], result["error_message"]) == (
             "AttributeError", "'NoneType' object has no attribute 'startswith'")
         assert result["global_step"] == STEPS_PER_EPOCH and result["evaluations"] == 1
@@ -196,7 +187,7 @@ def test_default_training_arguments_fail_at_the_first_evaluation_after_an_epoch(
 
 
 def test_without_evaluation_trainer_never_steps_the_scheduler(two_processes: Launch) -> None:
-    for result in _observed(two_processes, "no_evaluation"):
+    for result in two_processes.outcome("no_evaluation"):
         assert result["error_type"] is None
         assert result["global_step"] == 2 * STEPS_PER_EPOCH
         assert result["plateau_steps"] == 0 and result["evaluations"] == 0
@@ -208,7 +199,7 @@ def test_without_evaluation_trainer_never_steps_the_scheduler(two_processes: Lau
     ("no_evaluation_checked", "Pass eval_strategy='epoch'"),
 ])
 def test_check_raises_on_every_process_before_the_first_step(two_processes: Launch, name: str, phrase: str) -> None:
-    observed = _observed(two_processes, name)
+    observed = two_processes.outcome(name)
     for result in observed:
         assert result["error_type"] == "ValueError"
         assert phrase in result["error_message"]
