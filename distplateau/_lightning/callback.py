@@ -35,7 +35,7 @@ _Callback: Any = object
 __all__ = ["PlateauCallbackBase", "attach_monitor", "add_monitor_to_cli"]
 
 _CHECKPOINT_KEY = "distplateau_pending_steps"
-_VALIDATIONS_KEY = "distplateau_validation_runs"
+_VALIDATIONS_KEY = "distplateau_validations"
 
 
 class PlateauCallbackBase(_Callback):
@@ -121,6 +121,7 @@ class PlateauCallbackBase(_Callback):
         self._stepped_epoch = -1  # the last epoch whose plateau step Lightning reached
         self._pending: dict[str, Any] | None = None  # from a checkpoint, for on_train_start
         self._validations = 0  # validation runs of this fit, sanity check excluded; in checkpoints
+        self._validated_at: int | None = None  # the training batch (total_batch_idx) of the last one
         self._after_validation: set[int] = set()  # ids of the schedulers configured "interval": "validation"
         self._plateaus: dict[int, _Plateau] = {}  # by id of the scheduler, during fit
         self._module_step: Callable[[Any, Any], None] = lambda scheduler, metric: None
@@ -132,7 +133,7 @@ class PlateauCallbackBase(_Callback):
             return
         self._samples = None
         self._stepped_epoch = -1
-        self._validations = 0
+        self._validations, self._validated_at = 0, None
         self._after_validation = set()
         configure = pl_module.configure_optimizers
         self._undo.append(compat.shadow(pl_module, "configure_optimizers",
@@ -174,7 +175,7 @@ class PlateauCallbackBase(_Callback):
         # Every rank runs this hook at the same point (only rank 0 writes the file).
         if not self._active:
             return
-        checkpoint[_VALIDATIONS_KEY] = self._validations
+        checkpoint[_VALIDATIONS_KEY] = {"runs": self._validations, "batch": self._validated_at}
         if self._stepped_epoch == trainer.current_epoch or not compat.epoch_finished(trainer):
             return  # mid-epoch: the resumed run repeats the rest of the epoch and its step
         pending = {}
@@ -196,7 +197,8 @@ class PlateauCallbackBase(_Callback):
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self._pending = checkpoint.get(_CHECKPOINT_KEY)
-        self._validations = checkpoint.get(_VALIDATIONS_KEY, 0)
+        validations = checkpoint.get(_VALIDATIONS_KEY, {})
+        self._validations, self._validated_at = validations.get("runs", 0), validations.get("batch")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         pending, self._pending = self._pending, None
@@ -236,7 +238,12 @@ class PlateauCallbackBase(_Callback):
         # of this validation holds the scheduler after its step.
         if not self._active or trainer.sanity_checking:
             return
-        self._validations += 1
+        batch = trainer.fit_loop.epoch_loop.total_batch_idx
+        if batch == self._validated_at:
+            # Lightning 2.1 resumed from a checkpoint saved in this validation run's end runs it
+            # again (partly): its step is in the checkpoint already.
+            return
+        self._validations, self._validated_at = self._validations + 1, batch
         for plateau in self._plateaus.values():
             if plateau.after_validation and self._validations % plateau.config.frequency == 0:
                 self._plateau_step(trainer, plateau, trainer.callback_metrics.get(plateau.config.monitor))
