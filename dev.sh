@@ -14,7 +14,7 @@
 #                       in its own .venv-ray (torch 2.13.0 CPU, ray[train] 2.60.0; 1.5 GB, ~40 s to build)
 #   bash dev.sh multinode  2 "hosts" x 2 ranks on network namespaces (root): torchrun, horovodrun, Lightning,
 #                       network faults (link down, loss, freeze) with a summary table (~15 min)
-# The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning);
+# The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning, Accelerate, DeepSpeed);
 # later runs reuse it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,8 +30,12 @@ setup() {
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
-  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,accelerate,transformers,test,docs]"
+  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,accelerate,deepspeed,transformers,test,docs]"
   "$PY" -m distplateau.install_horovod
+  # DeepSpeed compiles its CPU shared-memory op when its first process group starts (~100 s on 2
+  # cores, cached in ~/.cache/torch_extensions): here, not inside tests/test_deepspeed.py's timeout.
+  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()' >/dev/null
   echo "$want" >"$stamp"
 }
 

@@ -32,6 +32,30 @@ INTERVALS: tuple[Interval, ...] = ("epoch", "step", "validation")
 _FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
 
 
+class _NoMetric:
+    """The default of ``step``'s ``metrics``. Without a default, ``step()`` would raise Python's
+    own ``TypeError``, and DeepSpeed's engine, which catches ``TypeError``, would step again on
+    its batch size: the default lets ``step()`` raise an error that says so instead."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_NO_METRIC: Any = _NoMetric()
+
+
+def _no_metric_message(rank: int) -> str:
+    """What ``step()`` without a metric raises on ``rank``."""
+    return (
+        f"DistributedReduceLROnPlateau.step() was called without a metric on rank {rank}. A plateau "
+        "scheduler steps on a validation metric; DeepSpeed's engine calls step() without one after every "
+        "optimizer step when the scheduler was passed to deepspeed.initialize(lr_scheduler=...). Keep the "
+        "scheduler out of deepspeed.initialize (build it on the torch optimizer you pass there) and call "
+        "scheduler.step(val_loss, weight=n_local_samples) on every rank after each validation; or, for one "
+        'plateau step per optimizer step, pass the metric to every engine.step(lr_kwargs={"metrics": loss}).'
+    )
+
+
 class DistributedReduceLROnPlateau(ReduceLROnPlateau):
     """Reduce the learning rate on a plateau of a metric gathered from every rank.
 
@@ -192,13 +216,13 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             self._set_lrs([lr * warmup_start_factor for lr in self.warmup_lrs])
 
     def step(  # type: ignore[override]
-        self, metrics: SupportsFloat | Any, weight: SupportsFloat | Any = None, epoch: int | None = None
+        self, metrics: SupportsFloat | Any = _NO_METRIC, weight: SupportsFloat | Any = None, epoch: int | None = None
     ) -> None:
         """Gather ``metrics`` from every rank, reduce it, and step on the result.
 
         Args:
             metrics: this rank's metric: a float or int, a numpy scalar, or a tensor with
-                one element on any device.
+                one element on any device. Required: ``step()`` without it raises.
             weight: this rank's weight, a finite number >= 0 (default
                 :attr:`default_weight`, or 1 if that is ``None``): its number of validation
                 samples makes ``reduction="mean"`` the exact global mean. A rank with weight 0
@@ -206,6 +230,11 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             epoch: deprecated, as in the parent.
 
         Raises:
+            RuntimeError: called without a metric, as a framework that steps its scheduler
+                after every optimizer step does (DeepSpeed's engine, when the scheduler was
+                passed to ``deepspeed.initialize``): raised before the collective, on every
+                rank so called; the scheduler is left unchanged. Not a ``TypeError``, which
+                DeepSpeed catches and answers by stepping on its batch size.
             TypeError, ValueError: on every rank, if a metric or weight on any rank is
                 unusable; the scheduler is left unchanged.
             RuntimeError: on every rank, if the ranks' scheduler states differ.
@@ -213,6 +242,11 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         """
         refuse_wrapper()
         gather = self._adapter()
+        if metrics is _NO_METRIC:
+            # Raised before the collective, as refuse_wrapper does: a framework that steps without a
+            # metric does so at the same point on every rank (DeepSpeed: after each optimizer
+            # step), and Python's own TypeError for a missing argument was raised there too.
+            raise RuntimeError(_no_metric_message(gather.ranks[gather.index]))
         if weight is None:
             weight = self.default_weight
         # One rank has no other state to compare with: its fingerprint is not computed.

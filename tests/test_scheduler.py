@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
@@ -98,6 +99,36 @@ def test_bad_metric_in_one_process_names_rank_0_and_changes_nothing():
     with pytest.raises(ValueError, match=r"metric has 2 elements, not 1 on rank 0: pass a real scalar"):
         s.step(torch.ones(2))
     assert s.last_epoch == 0 and s.last_global_metric is None
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weight": 3}, {"epoch": 1}])
+def test_step_without_a_metric_is_a_runtime_error_naming_the_deepspeed_fix_and_changes_nothing(kwargs):
+    """Not a TypeError: DeepSpeed's engine catches that and steps again on its batch size
+    (tests/test_deepspeed.py shows it on real processes)."""
+    s = DistributedReduceLROnPlateau(optimizer(lr=0.1), patience=0)
+    s.step(1.0)
+    before = s.state_dict()
+    with pytest.raises(RuntimeError, match=r"called without a metric on rank 0\. .*deepspeed\.initialize") as err:
+        s.step(**kwargs)
+    assert not isinstance(err.value, TypeError)
+    assert 'scheduler.step(val_loss, weight=n_local_samples)' in str(err.value)
+    assert 'engine.step(lr_kwargs={"metrics": loss})' in str(err.value)
+    assert s.state_dict() == before and s.get_last_lr() == [0.1]
+
+
+def test_step_with_none_is_still_the_gathered_type_error():
+    s = DistributedReduceLROnPlateau(optimizer())
+    with pytest.raises(TypeError, match="metric is None on rank 0"):
+        s.step(None)
+    assert s.last_epoch == 0
+
+
+def test_metrics_is_still_the_first_positional_parameter_of_step():
+    s = DistributedReduceLROnPlateau(optimizer(), patience=0)
+    s.step(1.0, 2.0)
+    s.step(metrics=0.5, weight=1)
+    assert s.last_epoch == 2 and s.best == 0.5
+    assert list(inspect.signature(s.step).parameters) == ["metrics", "weight", "epoch"]
 
 
 def test_state_dict_is_plain_and_loads_with_weights_only():
