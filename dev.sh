@@ -14,6 +14,8 @@
 #                       in its own .venv-ray (torch 2.13.0 CPU, ray[train] 2.60.0; 1.5 GB, ~40 s to build)
 #   bash dev.sh multinode  2 "hosts" x 2 ranks on network namespaces (root): torchrun, horovodrun, Lightning,
 #                       network faults (link down, loss, freeze) with a summary table (~15 min)
+#   bash dev.sh release-check  build the sdist and wheel, twine check, install the wheel (not the checkout) into a
+#                       fresh venv and use it there: quickstart, API doctests, entry points (~1 min)
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning, Accelerate, DeepSpeed);
 # later runs reuse it.
 set -euo pipefail
@@ -30,7 +32,7 @@ setup() {
   [[ -x "$PY" ]] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
-  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,accelerate,deepspeed,transformers,test,docs]"
+  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
   "$PY" -m distplateau.install_horovod
   # DeepSpeed compiles its CPU shared-memory op when its first process group starts (~100 s on 2
   # cores, cached in ~/.cache/torch_extensions): here, not inside tests/test_deepspeed.py's timeout.
@@ -83,5 +85,8 @@ case "$cmd" in
   multinode)
     setup
     exec "$PY" -m tests.multinode "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|reliability|bench|multinode|ray}" >&2; exit 2 ;;
+  release-check)
+    setup
+    exec "$PY" -m tests.release_check "$@" ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|reliability|bench|multinode|ray|release-check}" >&2; exit 2 ;;
 esac
