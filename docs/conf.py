@@ -20,7 +20,7 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "figures/*.py"]
+exclude_patterns = ["_build", "figures/*.py", "check_layout.py"]
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
@@ -43,3 +43,5 @@ doctest_global_setup = 'import logging; logging.getLogger("distplateau").setLeve
 # Docstring examples run under pytest --doctest-modules, in their modules' namespaces; here
 # only the pages' own {doctest} blocks run.
 doctest_test_doctest_blocks = ""
+html_static_path = ["_static"]
+html_css_files = ["narrow.css"]
