@@ -35,13 +35,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from distplateau import DistributedReduceLROnPlateau
-
-#: The two Lightning packages, and the distplateau module built on each (importing it
-#: registers ``strategy="horovod"``).
-DISTPLATEAU_MODULE = {
-    "lightning.pytorch": "distplateau.lightning",
-    "pytorch_lightning": "distplateau.pytorch_lightning",
-}
+from distplateau._lightning import DISTPLATEAU_MODULE
 
 BASE = 2.0
 EPOCHS = 6

@@ -37,10 +37,50 @@ def test_importing_distplateau_imports_no_lightning_package() -> None:
 
 
 def test_each_module_imports_its_own_lightning_package_only(lightning_package: str) -> None:
-    other = "pytorch_lightning" if lightning_package == "lightning.pytorch" else "lightning.pytorch"
+    other = _other(lightning_package)
     code = (f"import sys, {DISTPLATEAU_MODULE[lightning_package]}; assert {lightning_package!r} in sys.modules; "
             f"assert {other!r} not in sys.modules; assert 'horovod' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _other(lightning_package: str) -> str:
+    return "pytorch_lightning" if lightning_package == "lightning.pytorch" else "lightning.pytorch"
+
+
+def _trainer_error(pl_name: str, strategy: str) -> str:
+    """Code that builds ``{pl_name}.Trainer(strategy=...)`` and prints ``ValueError``'s message."""
+    return (f"import {pl_name} as pl\n"
+            f"try:\n    pl.Trainer(strategy={strategy}, accelerator='cpu', logger=False)\n"
+            "except ValueError as err:\n    print('ValueError:', err)\nelse:\n    print('no error')\n")
+
+
+def test_strategy_horovod_works_after_the_other_packages_module_when_the_package_came_first(
+        lightning_package: str) -> None:
+    # The snippet copied across package names: `import pytorch_lightning as pl; import distplateau.lightning`.
+    mine, other = DISTPLATEAU_MODULE[lightning_package], DISTPLATEAU_MODULE[_other(lightning_package)]
+    code = (f"import sys, {lightning_package} as pl, {other}\n"
+            f"assert {mine!r} in sys.modules\n"
+            "trainer = pl.Trainer(strategy='horovod', accelerator='cpu', logger=False, enable_progress_bar=False)\n"
+            f"assert type(trainer.strategy) is sys.modules[{mine!r}].HorovodStrategy, type(trainer.strategy)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
+
+
+def test_a_package_imported_after_the_other_packages_module_rejects_horovod_with_lightnings_error(
+        lightning_package: str) -> None:
+    # Pins the documented limit (docs/troubleshooting.md): nothing of ours runs between the import
+    # of the package and its Trainer's check of the strategy name.
+    other = DISTPLATEAU_MODULE[_other(lightning_package)]
+    code = f"import {other}\n" + _trainer_error(lightning_package, "'horovod'")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=180, capture_output=True, text=True).stdout
+    assert "ValueError: You selected an invalid strategy name: `strategy='horovod'`" in out, out
+
+
+def test_a_strategy_object_of_the_other_package_is_rejected_naming_the_class_to_use(lightning_package: str) -> None:
+    mine, other = DISTPLATEAU_MODULE[lightning_package], DISTPLATEAU_MODULE[_other(lightning_package)]
+    code = f"import {other}\n" + _trainer_error(lightning_package, f"{other}.HorovodStrategy()")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=180, capture_output=True, text=True).stdout
+    assert (f"`strategy=<{other}.HorovodStrategy, for {_other(lightning_package)}; a {lightning_package} Trainer "
+            f"needs {mine}.HorovodStrategy>`") in out, out
 
 
 def test_strategy_horovod_is_registered_with_the_packages_own_strategy_class(pl: ModuleType, dp: ModuleType) -> None:

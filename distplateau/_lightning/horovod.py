@@ -21,6 +21,8 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import DISTPLATEAU_MODULE
+
 # Lightning's class comes in through each package's subclass; to mypy it is Any.
 _ParallelStrategy: Any = object
 
@@ -69,6 +71,7 @@ class HorovodStrategyBase(_ParallelStrategy):
     """
 
     strategy_name = "horovod"
+    lightning_package: str  #: ``"lightning.pytorch"`` or ``"pytorch_lightning"``, set by each subclass
     optimizers: list[Optimizer]  # Lightning's property, for mypy
 
     def __init__(
@@ -90,6 +93,15 @@ class HorovodStrategyBase(_ParallelStrategy):
             self._hvd.init()
         # Set now, not in setup_environment: the Trainer logs from rank 0 before that.
         rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        # A Trainer of the other Lightning package rejects this object with "You selected an
+        # invalid strategy name: `strategy={repr}`. It must be ... an instance of
+        # `pytorch_lightning.strategies.Strategy`"; its repr is the one part of that message we
+        # write, so it says which class that Trainer needs (read in Lightning 2.1.0 to 2.6.6).
+        (other,) = set(DISTPLATEAU_MODULE) - {self.lightning_package}
+        return (f"<{DISTPLATEAU_MODULE[self.lightning_package]}.HorovodStrategy, for {self.lightning_package}; "
+                f"a {other} Trainer needs {DISTPLATEAU_MODULE[other]}.HorovodStrategy>")
 
     @property
     def global_rank(self) -> int:
