@@ -577,11 +577,12 @@ def measure_fault(fault: Fault, tmp: Path) -> Row:
 
 
 def _message(error: dict[str, Any]) -> str:
-    """An exception's first line without what differs between ranks (rank numbers, gloo's
-    source path), so that the same error on several ranks reads once."""
+    """An exception's first line without what differs between ranks (rank numbers, how long it
+    waited, gloo's source path), so that the same error on several ranks reads once."""
     text = error["message"].splitlines()[0] if error["message"] else ""
     text = re.sub(r"^\[[^\]]*\] ", "", text)
     text = re.sub(r"\brank \d+", "rank N", text)
+    text = re.sub(r"\bwaiting \d+\.\ds", "waiting N s", text)
     return f"{error['type']}: {text[:140]}"
 
 

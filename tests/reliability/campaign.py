@@ -74,6 +74,7 @@ class Result:
     problems: list[str] = field(default_factory=list)
     fault_problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)  #: rank -> "Type: message" of its error, where it had one
 
 
 # --- equivalence + faults (c) and (e) -------------------------------------------------------
@@ -182,6 +183,7 @@ def skip(backend: str, world: int, tmp: Path, then: str, timeout: float = 120,
             continue
         delay = data["error_at"] - stuck_since
         result.longest_error_s = max(result.longest_error_s, delay)
+        result.errors[r] = f"{data['error']}: {data['message']}"
         result.notes.append(f"rank {r}: {data['error']} in {data['where']} after {delay:.2f}s: "
                             f"{data['message'][:110]}")
     return result

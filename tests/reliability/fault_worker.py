@@ -70,7 +70,7 @@ def write() -> None:
 
 
 def failed(err: BaseException, where: str) -> None:
-    RECORD.update(error=type(err).__name__, message=str(err)[:600], error_at=time.time(), where=where)
+    RECORD.update(error=type(err).__name__, message=str(err)[:2000], error_at=time.time(), where=where)
     write()
     sys.stdout.flush()
     os._exit(17)
