@@ -89,6 +89,43 @@ def test_strategy_horovod_is_registered_with_the_packages_own_strategy_class(pl:
     assert issubclass(dp.DistributedPlateauCallback, pl.callbacks.Callback)
 
 
+class _Horovod:
+    """What ``_node_layout`` asks of ``horovod.torch``, on a job whose ranks have these local ranks."""
+
+    def __init__(self, local_ranks: list[int], rank: int) -> None:
+        self.local_ranks, self.this = local_ranks, rank
+
+    def allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.tensor(self.local_ranks)
+
+    def local_rank(self) -> int:
+        return self.local_ranks[self.this]
+
+    def rank(self) -> int:
+        return self.this
+
+
+@pytest.mark.parametrize("local_ranks,layout", [
+    ([0, 0, 1], [(0, 2), (1, 2), (1, 2)]),  # -H a:1,b:2 (hvd.cross_rank() of rank 2 is 0)
+    ([0, 1, 0, 1], [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    ([0, 1, 2, 0, 0, 1], [(0, 3), (0, 3), (0, 3), (1, 3), (2, 3), (2, 3)]),
+    ([0], [(0, 1)]),
+])
+def test_horovod_node_rank_counts_hosts_in_rank_order_whatever_their_slots(local_ranks: list[int],
+                                                                          layout: list[tuple[int, int]]) -> None:
+    from distplateau._lightning.horovod import _node_layout
+
+    assert [_node_layout(_Horovod(local_ranks, rank)) for rank in range(len(local_ranks))] == layout
+
+
+def test_horovod_ranks_not_placed_host_by_host_raise_naming_the_layout() -> None:
+    from distplateau._lightning.horovod import _node_layout
+
+    with pytest.raises(RuntimeError, match=r"on Horovod rank 3: the ranks are not placed host by host \(local rank "
+                                           r"of each rank: \[0, 0, 1, 1\]\)"):
+        _node_layout(_Horovod([0, 0, 1, 1], 3))
+
+
 def test_every_trainer_gets_the_callback_of_its_package_from_the_entry_point(pl: ModuleType, dp: ModuleType,
                                                                              tmp_path: Any) -> None:
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
