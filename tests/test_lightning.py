@@ -47,10 +47,11 @@ def _other(lightning_package: str) -> str:
     return "pytorch_lightning" if lightning_package == "lightning.pytorch" else "lightning.pytorch"
 
 
-def _trainer_error(pl_name: str, strategy: str) -> str:
-    """Code that builds ``{pl_name}.Trainer(strategy=...)`` and prints ``ValueError``'s message."""
+def _trainer_error(pl_name: str, strategy: str, more: str = "") -> str:
+    """Code that builds ``{pl_name}.Trainer(strategy=...)`` (``more``: further arguments) and
+    prints ``ValueError``'s message."""
     return (f"import {pl_name} as pl\n"
-            f"try:\n    pl.Trainer(strategy={strategy}, accelerator='cpu', logger=False)\n"
+            f"try:\n    pl.Trainer(strategy={strategy}, accelerator='cpu', logger=False{more})\n"
             "except ValueError as err:\n    print('ValueError:', err)\nelse:\n    print('no error')\n")
 
 
@@ -63,6 +64,17 @@ def test_strategy_horovod_works_after_the_other_packages_module_when_the_package
             "trainer = pl.Trainer(strategy='horovod', accelerator='cpu', logger=False, enable_progress_bar=False)\n"
             f"assert type(trainer.strategy) is sys.modules[{mine!r}].HorovodStrategy, type(trainer.strategy)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
+
+
+def test_num_nodes_that_contradicts_horovodrun_is_refused_and_the_default_is_the_host_count() -> None:
+    pytest.importorskip("lightning")
+    code = ("import lightning.pytorch as pl, distplateau.lightning\n"
+            "trainer = pl.Trainer(strategy='horovod', accelerator='cpu', logger=False)\n"
+            "assert (trainer.num_nodes, trainer.node_rank) == (1, 0), (trainer.num_nodes, trainer.node_rank)\n"
+            + _trainer_error("lightning.pytorch", "'horovod'", ", num_nodes=2"))
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=180, capture_output=True, text=True).stdout
+    assert ("ValueError: Trainer(num_nodes=2) but horovodrun started 1 rank on 1 node; leave num_nodes out "
+            "with strategy='horovod' (horovodrun -H decides)") in out, out
 
 
 def test_a_package_imported_after_the_other_packages_module_rejects_horovod_with_lightnings_error(

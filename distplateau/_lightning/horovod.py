@@ -132,8 +132,9 @@ class HorovodStrategyBase(_ParallelStrategy):
         # Trainer, places the ranks, so only a count that contradicts it is an error.
         if num_nodes not in (1, self._num_nodes):
             raise ValueError(
-                f"Trainer(num_nodes={num_nodes}) but horovodrun started the {self.world_size} ranks on "
-                f"{self._num_nodes} node{'s' * (self._num_nodes != 1)}; leave num_nodes out with "
+                f"Trainer(num_nodes={num_nodes}) but horovodrun started {self.world_size} "
+                f"rank{'s' * (self.world_size != 1)} on {self._num_nodes} node{'s' * (self._num_nodes != 1)}; "
+                "leave num_nodes out with "
                 "strategy='horovod' (horovodrun -H decides)"
             )
 
