@@ -51,9 +51,9 @@ class HorovodStrategyBase(_ParallelStrategy):
     built, then one allgather of the local ranks gives ``node_rank`` and ``num_nodes``, right
     also on hosts with different numbers of slots: build it on every rank). At the start of
     ``fit`` the parameters, buffers and optimizer state of rank 0 are broadcast to every rank;
-    gradients are averaged across ranks with
-    ``hvd.DistributedOptimizer`` (after each backward of the step that calls the optimizer,
-    so gradient clipping sees averaged gradients; ``accumulate_grad_batches`` is honoured).
+    gradients are averaged across ranks with ``hvd.DistributedOptimizer`` (after each
+    backward of the step that calls the optimizer, so gradient clipping sees averaged
+    gradients; ``accumulate_grad_batches`` is honoured).
     As with ``DDPStrategy``, the learning rate is not scaled by the world size and each
     rank reads its own shard through a ``DistributedSampler``. ``reduce``, ``all_gather``,
     ``broadcast`` and ``barrier`` go through Horovod; checkpoints are written by rank 0.
@@ -134,8 +134,7 @@ class HorovodStrategyBase(_ParallelStrategy):
             raise ValueError(
                 f"Trainer(num_nodes={num_nodes}) but horovodrun started {self.world_size} "
                 f"rank{'s' * (self.world_size != 1)} on {self._num_nodes} node{'s' * (self._num_nodes != 1)}; "
-                "leave num_nodes out with "
-                "strategy='horovod' (horovodrun -H decides)"
+                "leave num_nodes out with strategy='horovod' (horovodrun -H decides)"
             )
 
     @property
