@@ -16,29 +16,56 @@
 #                       network faults (link down, loss, freeze) with a summary table (~15 min)
 #   bash dev.sh release-check  build the sdist and wheel, twine check, install the wheel (not the checkout) into a
 #                       fresh venv and use it there: quickstart, API doctests, entry points (~1 min)
-# The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning, Accelerate, DeepSpeed);
-# later runs reuse it.
+# The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning, Accelerate, DeepSpeed),
+# one progress line per part, their output in .venv/setup.log (shown only when a part fails); later runs reuse it.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${DISTPLATEAU_VENV:-.venv}
 PY="$VENV/bin/python"
 
+# One part of setup: a progress line, its output into the setup log, the end of that log shown only
+# if it fails (on a fresh clone pip's Horovod build alone printed ~100 lines above the demo's table).
+setup_step() {
+  local what=$1 start=$SECONDS
+  shift
+  printf 'setup: %s ... ' "$what"
+  if "$@" >>"$SETUP_LOG" 2>&1; then
+    echo "done ($((SECONDS - start)) s)"
+  else
+    echo "FAILED"
+    echo "--- the last 80 lines of $SETUP_LOG ---" >&2
+    tail -n 80 "$SETUP_LOG" >&2
+    echo "--- setup failed at: $what; whole log: $SETUP_LOG ---" >&2
+    exit 1
+  fi
+}
+
 setup() {
-  local stamp="$VENV/.distplateau-setup" want
+  local stamp="$VENV/.distplateau-setup" want start=$SECONDS
   want=$(cat setup.cfg dev.sh distplateau/install_horovod.py | sha256sum | cut -c1-16)
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$PY" -m distplateau.install_horovod --check >/dev/null 2>&1; then
     return
   fi
-  [[ -x "$PY" ]] || python3 -m venv "$VENV"
-  "$PY" -m pip install -q --upgrade pip
+  mkdir -p "$VENV"
+  SETUP_LOG="$VENV/setup.log"
+  : >"$SETUP_LOG"
+  if [[ -x "$PY" ]]; then
+    echo "setup: updating $VENV (setup.cfg, dev.sh or distplateau/install_horovod.py changed since it was built)"
+  else
+    echo "setup: building $VENV (first run: about 3-5 minutes on 2 idle cores; later runs reuse it)"
+    setup_step "creating the virtual environment" python3 -m venv "$VENV"
+  fi
+  setup_step "upgrading pip" "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
-  "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
-  "$PY" -m distplateau.install_horovod
+  setup_step "installing torch 2.13.0 (CPU), distplateau and its extras" \
+    "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
+  setup_step "building Horovod 0.28.1 against torch (about 2 minutes)" "$PY" -m distplateau.install_horovod
   # DeepSpeed compiles its CPU shared-memory op when its first process group starts (~100 s on 2
   # cores, cached in ~/.cache/torch_extensions): here, not inside tests/test_deepspeed.py's timeout.
-  DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder("ShareMemCommBuilder").load()' >/dev/null
+  setup_step "compiling DeepSpeed's CPU op" env DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()'
   echo "$want" >"$stamp"
+  echo "setup: ready in $((SECONDS - start)) s (log: $SETUP_LOG)"
 }
 
 # Warning-free (-W) HTML, then the doctests of the Markdown pages and of the API reference.

@@ -18,6 +18,8 @@ from typing import Any, Literal, Protocol, get_args
 
 import torch
 
+from ._messages import ranks_text
+
 __all__ = ["Backend", "BACKENDS", "BROADCAST_BYTES", "Gather", "LocalGather", "TorchGather", "HorovodGather",
            "resolve", "select", "world"]
 
@@ -65,6 +67,21 @@ def _unframe(buffer: bytes) -> bytes:
     return bytes(buffer[_LENGTH.size : _LENGTH.size + length])
 
 
+def _timed_out(call: str, rank: str, waited_s: float, group: str, limit: str, setting: str,
+               backend_said: str = "") -> TimeoutError:
+    """The error of a rank that waited ``waited_s`` in ``call``'s collective and gave up. Seen from
+    one rank, a skipped call, a dead or frozen rank and a failed network look the same (in the
+    multi-node fault runs all three ended here), so the message names all of them."""
+    said = f" {backend_said}." if backend_said else ""
+    return TimeoutError(
+        f"{call} on {rank} gave up after waiting {waited_s:.1f}s ({limit}) for the other ranks of {group}."
+        f"{said} This rank cannot tell which of these happened: a rank skipped or repeated a {call} call "
+        "(every rank must call it the same number of times; a rank without validation data calls "
+        "step(metric, weight=0)); a rank died or is frozen (look for its error or exit status); the "
+        f"network between the ranks failed. If validation on some rank is only slow, raise {setting}."
+    )
+
+
 class LocalGather:
     """A single process: the table is this process's record, no collective."""
 
@@ -83,7 +100,8 @@ class LocalGather:
 
 class TorchGather:
     """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)
-    of one float64 record per rank."""
+    of one float64 record per rank. When the process group's timeout expires in it, raises
+    ``TimeoutError`` naming the causes a rank cannot tell apart, with torch's error chained."""
 
     _last_work: Any = None  # the latest step's finished collective, see _gather_into
 
@@ -130,8 +148,9 @@ class TorchGather:
         return list(row.iter_unpack(self._receive))
 
     def _gather_into(self, table: torch.Tensor, local: torch.Tensor) -> None:
+        started = time.monotonic()
         work = self._all_gather(table, local, group=self._group, async_op=True)
-        work.wait()
+        self._wait(work, "step()", started)
         # gloo's worker thread lets go of its reference to the finished work (and so of the
         # tensors) only after wait() returns, and that release needs the GIL. If it is still
         # pending when the interpreter starts to exit (a script whose last collective is
@@ -142,10 +161,28 @@ class TorchGather:
 
     def broadcast(self, data: bytes, src: int) -> bytes:
         buffer = torch.frombuffer(_frame(data), dtype=torch.uint8).to(self._device)
+        started = time.monotonic()
         work = torch.distributed.broadcast(buffer, src=src, group=self._group, async_op=True)
-        work.wait()
+        self._wait(work, "sync_state()", started)
         TorchGather._last_work = work  # as in _gather_into
         return _unframe(buffer.cpu().numpy().tobytes())
+
+    def _wait(self, work: Any, call: str, started: float) -> None:
+        try:
+            work.wait()
+        except RuntimeError as err:
+            # Read in torch 2.13: gloo says "Timed out waiting 10000ms for recv operation to
+            # complete", NCCL's watchdog "collective operation timeout". Other failures (a
+            # closed connection: a peer exited) say what happened already and pass unchanged.
+            text = str(err)
+            if "timed out" not in text.lower() and "timeout" not in text.lower():
+                raise
+            group = (f"the default process group ({self.size} ranks)" if self._group is None
+                     else f"the group passed as `group` ({ranks_text(self.ranks)})")
+            raise _timed_out(call, f"rank {torch.distributed.get_rank()}", time.monotonic() - started,
+                             group, "the process group's timeout",
+                             "the timeout passed to init_process_group(timeout=...)",
+                             f"torch.distributed said: {text}") from err
 
 
 def _device(group: Any) -> torch.device:
@@ -170,7 +207,7 @@ class HorovodGather:
     Horovod has no timeout for a collective that some rank never joins. If the environment
     variable ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` is set, the same single allgather is started
     asynchronously and waited for at most that many seconds, then ``TimeoutError`` is raised
-    instead of hanging forever.
+    instead of hanging forever, naming the causes a rank cannot tell apart.
     """
 
     def __init__(self, process_set: Any = None) -> None:
@@ -207,16 +244,14 @@ class HorovodGather:
     def _wait(self, handle: Any, call: str) -> torch.Tensor:
         if self._timeout is None:
             return self._hvd.synchronize(handle)
-        deadline = time.monotonic() + self._timeout
+        started = time.monotonic()
         while not self._hvd.poll(handle):
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{call} waited {self._timeout:g}s ({TIMEOUT_ENV}) on Horovod rank "
-                    f"{self._hvd.rank()} for the other ranks of its process set: some rank did not "
-                    f"call {call} (it skipped one, stopped early, or is in another collective). Call "
-                    f"{call} on every rank the same number of times, or raise {TIMEOUT_ENV} if "
-                    "validation on some rank is just slow."
-                )
+            if time.monotonic() - started > self._timeout:
+                members = self._process_set
+                group = (f"the global process set ({self.size} ranks)" if members.process_set_id == 0
+                         else f"Horovod process set {members.process_set_id} ({ranks_text(self.ranks)})")
+                raise _timed_out(call, f"Horovod rank {self._hvd.rank()}", time.monotonic() - started, group,
+                                 f"{TIMEOUT_ENV}={self._timeout:g}", TIMEOUT_ENV)
             time.sleep(0.001)
         return self._hvd.synchronize(handle)
 

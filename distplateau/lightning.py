@@ -3,13 +3,17 @@ callback that keeps :class:`~distplateau.DistributedReduceLROnPlateau` in step o
 
 Importing this module imports ``lightning.pytorch`` (never Horovod), registers
 ``Trainer(strategy="horovod")`` and makes ``LightningCLI`` hand the scheduler's ``monitor`` to
-Lightning. The callback is attached to every ``Trainer`` automatically through the
+Lightning. If ``pytorch_lightning`` is already imported, it also imports
+:mod:`distplateau.pytorch_lightning`, so that ``strategy="horovod"`` works for either package's
+``Trainer``. The callback is attached to every ``Trainer`` automatically through the
 ``lightning.pytorch.callbacks_factory`` entry point when distplateau is pip-installed. For
 ``import pytorch_lightning as pl`` use :mod:`distplateau.pytorch_lightning`, the same classes
 built on that package.
 """
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
@@ -31,6 +35,7 @@ class DistributedPlateauCallback(PlateauCallbackBase, Callback):
 
 class HorovodStrategy(HorovodStrategyBase, ParallelStrategy):
     __doc__ = HorovodStrategyBase.__doc__
+    lightning_package = "lightning.pytorch"
 
 
 def callbacks_factory() -> list[Callback]:
@@ -41,3 +46,10 @@ def callbacks_factory() -> list[Callback]:
 
 register(HorovodStrategy, StrategyRegistry)
 add_monitor_to_cli(LightningCLI)
+
+# Snippets get copied between the two package names. When pytorch_lightning is already imported, register
+# there too, so that its Trainer(strategy="horovod") works after importing this module; that imports
+# no new package. Imported the other way round, nothing of ours runs before pytorch_lightning's Trainer
+# rejects "horovod" (docs/troubleshooting.md).
+if "pytorch_lightning" in sys.modules:
+    import distplateau.pytorch_lightning  # noqa: F401

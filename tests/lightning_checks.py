@@ -35,13 +35,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from distplateau import DistributedReduceLROnPlateau
-
-#: The two Lightning packages, and the distplateau module built on each (importing it
-#: registers ``strategy="horovod"``).
-DISTPLATEAU_MODULE = {
-    "lightning.pytorch": "distplateau.lightning",
-    "pytorch_lightning": "distplateau.pytorch_lightning",
-}
+from distplateau._lightning import DISTPLATEAU_MODULE
 
 BASE = 2.0
 EPOCHS = 6
@@ -370,9 +364,11 @@ def one_collective_per_plateau_step() -> dict[str, Any]:
     rank, and (``strict=False``) on rank 0 only, where the ranks must learn who has it."""
     result = {}
     for name, model in (("everywhere", Model()), ("rank0_only", Model(log_on="rank0", strict=False))):
+        # Built before counting starts: HorovodStrategy gathers the node layout once, when built.
+        strategy = dp.HorovodStrategy() if STRATEGY == "horovod" else None
         counts, stop = _counting_gathers()
         try:
-            trainer, h = fit(model, epochs=4, root=f"count-{name}", check_val_every_n_epoch=2)
+            trainer, h = fit(model, epochs=4, root=f"count-{name}", check_val_every_n_epoch=2, strategy=strategy)
         finally:
             stop()
         result[name] = {"gathers": counts["gathers"], "state": scheduler_state(trainer), "globals": h.globals}

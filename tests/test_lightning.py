@@ -37,16 +37,105 @@ def test_importing_distplateau_imports_no_lightning_package() -> None:
 
 
 def test_each_module_imports_its_own_lightning_package_only(lightning_package: str) -> None:
-    other = "pytorch_lightning" if lightning_package == "lightning.pytorch" else "lightning.pytorch"
+    other = _other(lightning_package)
     code = (f"import sys, {DISTPLATEAU_MODULE[lightning_package]}; assert {lightning_package!r} in sys.modules; "
             f"assert {other!r} not in sys.modules; assert 'horovod' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _other(lightning_package: str) -> str:
+    return "pytorch_lightning" if lightning_package == "lightning.pytorch" else "lightning.pytorch"
+
+
+def _trainer_error(pl_name: str, strategy: str, more: str = "") -> str:
+    """Code that builds ``{pl_name}.Trainer(strategy=...)`` (``more``: further arguments) and
+    prints ``ValueError``'s message."""
+    return (f"import {pl_name} as pl\n"
+            f"try:\n    pl.Trainer(strategy={strategy}, accelerator='cpu', logger=False{more})\n"
+            "except ValueError as err:\n    print('ValueError:', err)\nelse:\n    print('no error')\n")
+
+
+def test_strategy_horovod_works_after_the_other_packages_module_when_the_package_came_first(
+        lightning_package: str) -> None:
+    # The snippet copied across package names: `import pytorch_lightning as pl; import distplateau.lightning`.
+    mine, other = DISTPLATEAU_MODULE[lightning_package], DISTPLATEAU_MODULE[_other(lightning_package)]
+    code = (f"import sys, {lightning_package} as pl, {other}\n"
+            f"assert {mine!r} in sys.modules\n"
+            "trainer = pl.Trainer(strategy='horovod', accelerator='cpu', logger=False, enable_progress_bar=False)\n"
+            f"assert type(trainer.strategy) is sys.modules[{mine!r}].HorovodStrategy, type(trainer.strategy)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=180)
+
+
+def test_num_nodes_that_contradicts_horovodrun_is_refused_and_the_default_is_the_host_count() -> None:
+    pytest.importorskip("lightning")
+    code = ("import lightning.pytorch as pl, distplateau.lightning\n"
+            "trainer = pl.Trainer(strategy='horovod', accelerator='cpu', logger=False)\n"
+            "assert (trainer.num_nodes, trainer.node_rank) == (1, 0), (trainer.num_nodes, trainer.node_rank)\n"
+            + _trainer_error("lightning.pytorch", "'horovod'", ", num_nodes=2"))
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=180, capture_output=True, text=True).stdout
+    assert ("ValueError: Trainer(num_nodes=2) but horovodrun started 1 rank on 1 node; leave num_nodes out "
+            "with strategy='horovod' (horovodrun -H decides)") in out, out
+
+
+def test_a_package_imported_after_the_other_packages_module_rejects_horovod_with_lightnings_error(
+        lightning_package: str) -> None:
+    # Pins the documented limit (docs/troubleshooting.md): nothing of ours runs between the import
+    # of the package and its Trainer's check of the strategy name.
+    other = DISTPLATEAU_MODULE[_other(lightning_package)]
+    code = f"import {other}\n" + _trainer_error(lightning_package, "'horovod'")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=180, capture_output=True, text=True).stdout
+    assert "ValueError: You selected an invalid strategy name: `strategy='horovod'`" in out, out
+
+
+def test_a_strategy_object_of_the_other_package_is_rejected_naming_the_class_to_use(lightning_package: str) -> None:
+    mine, other = DISTPLATEAU_MODULE[lightning_package], DISTPLATEAU_MODULE[_other(lightning_package)]
+    code = f"import {other}\n" + _trainer_error(lightning_package, f"{other}.HorovodStrategy()")
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=180, capture_output=True, text=True).stdout
+    assert (f"`strategy=<{other}.HorovodStrategy, for {_other(lightning_package)}; a {lightning_package} Trainer "
+            f"needs {mine}.HorovodStrategy>`") in out, out
 
 
 def test_strategy_horovod_is_registered_with_the_packages_own_strategy_class(pl: ModuleType, dp: ModuleType) -> None:
     assert pl.strategies.StrategyRegistry["horovod"]["strategy"] is dp.HorovodStrategy
     assert issubclass(dp.HorovodStrategy, pl.strategies.Strategy)
     assert issubclass(dp.DistributedPlateauCallback, pl.callbacks.Callback)
+
+
+class _Horovod:
+    """What ``_node_layout`` asks of ``horovod.torch``, on a job whose ranks have these local ranks."""
+
+    def __init__(self, local_ranks: list[int], rank: int) -> None:
+        self.local_ranks, self.this = local_ranks, rank
+
+    def allgather(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.tensor(self.local_ranks)
+
+    def local_rank(self) -> int:
+        return self.local_ranks[self.this]
+
+    def rank(self) -> int:
+        return self.this
+
+
+@pytest.mark.parametrize("local_ranks,layout", [
+    ([0, 0, 1], [(0, 2), (1, 2), (1, 2)]),  # -H a:1,b:2 (hvd.cross_rank() of rank 2 is 0)
+    ([0, 1, 0, 1], [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    ([0, 1, 2, 0, 0, 1], [(0, 3), (0, 3), (0, 3), (1, 3), (2, 3), (2, 3)]),
+    ([0], [(0, 1)]),
+])
+def test_horovod_node_rank_counts_hosts_in_rank_order_whatever_their_slots(local_ranks: list[int],
+                                                                          layout: list[tuple[int, int]]) -> None:
+    from distplateau._lightning.horovod import _node_layout
+
+    assert [_node_layout(_Horovod(local_ranks, rank)) for rank in range(len(local_ranks))] == layout
+
+
+def test_horovod_ranks_not_placed_host_by_host_raise_naming_the_layout() -> None:
+    from distplateau._lightning.horovod import _node_layout
+
+    with pytest.raises(RuntimeError, match=r"on Horovod rank 3: the ranks are not placed host by host \(local rank "
+                                           r"of each rank: \[0, 0, 1, 1\]\)"):
+        _node_layout(_Horovod([0, 0, 1, 1], 3))
 
 
 def test_every_trainer_gets_the_callback_of_its_package_from_the_entry_point(pl: ModuleType, dp: ModuleType,

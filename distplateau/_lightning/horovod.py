@@ -21,6 +21,8 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import DISTPLATEAU_MODULE
+
 # Lightning's class comes in through each package's subclass; to mypy it is Any.
 _ParallelStrategy: Any = object
 
@@ -46,10 +48,12 @@ class HorovodStrategyBase(_ParallelStrategy):
     as an object, import ``HorovodStrategy`` from the module of your package.
 
     Rank and world size come from Horovod (``hvd.init()`` runs when the strategy is
-    built). At the start of ``fit`` the parameters, buffers and optimizer state of rank 0
-    are broadcast to every rank; gradients are averaged across ranks with
-    ``hvd.DistributedOptimizer`` (after each backward of the step that calls the optimizer,
-    so gradient clipping sees averaged gradients; ``accumulate_grad_batches`` is honoured).
+    built, then one allgather of the local ranks gives ``node_rank`` and ``num_nodes``, right
+    also on hosts with different numbers of slots: build it on every rank). At the start of
+    ``fit`` the parameters, buffers and optimizer state of rank 0 are broadcast to every rank;
+    gradients are averaged across ranks with ``hvd.DistributedOptimizer`` (after each
+    backward of the step that calls the optimizer, so gradient clipping sees averaged
+    gradients; ``accumulate_grad_batches`` is honoured).
     As with ``DDPStrategy``, the learning rate is not scaled by the world size and each
     rank reads its own shard through a ``DistributedSampler``. ``reduce``, ``all_gather``,
     ``broadcast`` and ``barrier`` go through Horovod; checkpoints are written by rank 0.
@@ -69,6 +73,7 @@ class HorovodStrategyBase(_ParallelStrategy):
     """
 
     strategy_name = "horovod"
+    lightning_package: str  #: ``"lightning.pytorch"`` or ``"pytorch_lightning"``, set by each subclass
     optimizers: list[Optimizer]  # Lightning's property, for mypy
 
     def __init__(
@@ -90,6 +95,16 @@ class HorovodStrategyBase(_ParallelStrategy):
             self._hvd.init()
         # Set now, not in setup_environment: the Trainer logs from rank 0 before that.
         rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
+        self._node_rank, self._num_nodes = _node_layout(self._hvd)
+
+    def __repr__(self) -> str:
+        # A Trainer of the other Lightning package rejects this object with "You selected an
+        # invalid strategy name: `strategy={repr}`. It must be ... an instance of
+        # `pytorch_lightning.strategies.Strategy`"; its repr is the one part of that message we
+        # write, so it says which class that Trainer needs (read in Lightning 2.1.0 to 2.6.6).
+        (other,) = set(DISTPLATEAU_MODULE) - {self.lightning_package}
+        return (f"<{DISTPLATEAU_MODULE[self.lightning_package]}.HorovodStrategy, for {self.lightning_package}; "
+                f"a {other} Trainer needs {DISTPLATEAU_MODULE[other]}.HorovodStrategy>")
 
     @property
     def global_rank(self) -> int:
@@ -101,7 +116,26 @@ class HorovodStrategyBase(_ParallelStrategy):
 
     @property
     def node_rank(self) -> int:
-        return int(self._hvd.cross_rank())
+        """This process's node: 0 for the host of rank 0, then 1, 2, ... in the order of their
+        ranks (``horovodrun -H a:1,b:2``: rank 0 on node 0, ranks 1 and 2 on node 1)."""
+        return self._node_rank
+
+    @property
+    def num_nodes(self) -> int:
+        """How many hosts the ranks run on, as ``horovodrun`` placed them; ``Trainer.num_nodes``
+        reads it."""
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        # The Trainer sets its num_nodes argument here (default 1); horovodrun, not the
+        # Trainer, places the ranks, so only a count that contradicts it is an error.
+        if num_nodes not in (1, self._num_nodes):
+            raise ValueError(
+                f"Trainer(num_nodes={num_nodes}) but horovodrun started {self.world_size} "
+                f"rank{'s' * (self.world_size != 1)} on {self._num_nodes} node{'s' * (self._num_nodes != 1)}; "
+                "leave num_nodes out with strategy='horovod' (horovodrun -H decides)"
+            )
 
     @property
     def world_size(self) -> int:
@@ -227,6 +261,25 @@ def register(strategy: type[HorovodStrategyBase], strategy_registry: Any) -> Non
     """Register ``strategy`` as ``Trainer(strategy="horovod")`` in one package's registry."""
     if strategy.strategy_name not in strategy_registry:
         strategy.register_strategies(strategy_registry)
+
+
+def _node_layout(hvd: Any) -> tuple[int, int]:
+    """(this process's node index, number of nodes), from one allgather of every rank's local
+    rank. ``hvd.cross_rank()`` is this process's index among the processes with its local rank:
+    the node index only when every host has as many slots (``-H a:1,b:2``: rank 2, local rank 1
+    on the second host, has cross rank 0). horovodrun gives each host a block of consecutive
+    ranks, in host order (read in Horovod 0.28.1, ``runner/common/util/hosts.py``,
+    ``get_host_assignments``), so a node starts at each local rank 0."""
+    local_ranks = hvd.allgather(torch.tensor([hvd.local_rank()]), name="distplateau.node_layout").tolist()
+    host_by_host = all(local in (0, before + 1) for before, local in zip([-1, *local_ranks], local_ranks))
+    if not host_by_host:
+        raise RuntimeError(
+            f"HorovodStrategy on Horovod rank {hvd.rank()}: the ranks are not placed host by host (local "
+            f"rank of each rank: {local_ranks}), so which node each runs on is unknown; launch with "
+            "horovodrun, which places them so"
+        )
+    starts = [rank for rank, local in enumerate(local_ranks) if local == 0]
+    return sum(start <= hvd.rank() for start in starts) - 1, len(starts)
 
 
 def _named_parameters(module: torch.nn.Module, optimizer: Optimizer) -> list[tuple[str, torch.nn.Parameter]]:

@@ -70,9 +70,13 @@ def write() -> None:
 
 
 def failed(err: BaseException, where: str) -> None:
-    RECORD.update(error=type(err).__name__, message=str(err)[:600], error_at=time.time(), where=where)
+    RECORD.update(error=type(err).__name__, message=str(err)[:2000], error_at=time.time(), where=where)
     write()
     sys.stdout.flush()
+    if BACKEND == "horovod":
+        # horovodrun terminates every rank once one exits non-zero (horovod/runner/gloo_run.py,
+        # 0.28.1): stay a moment, so that a peer whose timeout ends a few ms later reports too.
+        time.sleep(1.0)
     os._exit(17)
 
 

@@ -40,6 +40,17 @@ def test_a_skipped_step_ends_in_an_error_not_a_silent_hang(backend, world, then,
     print(result.name, result.notes)
     assert not result.problems, "\n".join(result.problems)
     assert result.longest_error_s < SKIP_BOUND_S, result.notes
+    if then == "sync":  # the ranks that waited in step() name every cause they cannot tell apart
+        waited = {r: e for r, e in result.errors.items() if r != 1}
+        assert sorted(waited) == [r for r in range(world) if r != 1], result.errors
+        for rank, error in waited.items():
+            assert error.startswith(f"TimeoutError: step() on {'Horovod ' * (backend == 'horovod')}rank {rank} gave "
+                                    "up after waiting "), error
+            assert (f"(DISTPLATEAU_HOROVOD_TIMEOUT_S=5) for the other ranks of the global process set ({world} ranks)."
+                    if backend == "horovod" else f"s (the process group's timeout) for the other ranks of the default "
+                    f"process group ({world} ranks). torch.distributed said: ") in error, error
+            assert ("a rank skipped or repeated a step() call" in error and "a rank died or is frozen" in error
+                    and "the network between the ranks failed" in error), error
 
 
 @pytest.mark.timeout(300)
