@@ -13,7 +13,7 @@ from ._decide import NAN_POLICIES, REDUCTIONS, Decision, NanPolicy, Reduction, d
 from ._gather import BACKENDS, Backend
 from .scheduler import DistributedReduceLROnPlateau
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",
