@@ -112,7 +112,7 @@ def test_capturable_adam_takes_the_cut_rate(device: str) -> None:
 
 
 def compiled_steps(lr: Any, cuts: int) -> tuple[int, int, list[float]]:
-    """Frames dynamo compiled for a ``torch.compile``d ``optimizer.step`` (SGD with momentum)
+    """Frames dynamo compiled for a ``torch.compile``d ``optimizer.step`` (Adam)
     before and after ``cuts`` plateau cuts, and the learning rates it went through. The
     compile backend only counts (``CompileCounter``): what recompiles is dynamo's decision,
     the same with any backend, and no C compiler is needed."""
@@ -121,7 +121,7 @@ def compiled_steps(lr: Any, cuts: int) -> tuple[int, int, list[float]]:
     torch._dynamo.reset()
     counter = CompileCounter()
     model = torch.nn.Linear(4, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step = torch.compile(optimizer.step, backend=counter)
     scheduler = DistributedReduceLROnPlateau(optimizer, patience=0, factor=0.5)
     x = torch.ones(8, 4)
