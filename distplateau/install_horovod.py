@@ -1,10 +1,11 @@
 """Build and install Horovod 0.28.1 against the torch that is already installed.
 
-Horovod's last release asks CMake for C++14, but torch >= 2.1 headers need C++17, so
-``pip install horovod`` fails against current torch. This module compiles every C++14
-request as C++17 (through a CMake project include handed to Horovod's own build by a
-cmake wrapper named in ``HOROVOD_CMAKE``), builds the PyTorch and gloo parts only, and
-checks the result by importing ``horovod.torch``.
+Horovod's last release asks CMake for C++14, but torch >= 2.1 headers need C++17 (C++20
+from torch 2.14 on), so ``pip install horovod`` fails against current torch. This module
+compiles every C++14 request as the standard the installed torch's headers demand (through a
+CMake project include handed to Horovod's own build by a cmake wrapper named in
+``HOROVOD_CMAKE``), builds the PyTorch and gloo parts only, and checks the result by
+importing ``horovod.torch``.
 
 Run it in the environment that will train::
 
@@ -36,11 +37,11 @@ from pathlib import Path
 HOROVOD_VERSION = "0.28.1"
 
 # Horovod's CMakeLists sets CMAKE_CXX_STANDARD 14; these make CMake spell that request as
-# C++17 everywhere, which is what torch's headers require.
+# the standard torch's headers require, everywhere.
 _CMAKE_INCLUDE = textwrap.dedent(
     """\
-    set(CMAKE_CXX14_STANDARD_COMPILE_OPTION "-std=c++17")
-    set(CMAKE_CXX14_EXTENSION_COMPILE_OPTION "-std=gnu++17")
+    set(CMAKE_CXX14_STANDARD_COMPILE_OPTION "-std=c++{standard}")
+    set(CMAKE_CXX14_EXTENSION_COMPILE_OPTION "-std=gnu++{standard}")
     """
 )
 
@@ -88,6 +89,17 @@ class InstallError(RuntimeError):
     """The build cannot start or did not produce a working ``horovod.torch``."""
 
 
+def cxx_standard() -> str:
+    """The C++ standard the installed torch's headers demand, read where they demand it
+    (``#error C++20 or later compatible compiler is required to use PyTorch.`` in
+    ``torch/all.h``): "17" up to torch 2.13, "20" from 2.14 on."""
+    import torch
+
+    header = Path(torch.__file__).parent / "include" / "torch" / "csrc" / "api" / "include" / "torch" / "all.h"
+    found = re.search(r"C\+\+(\d+) or later", header.read_text()) if header.exists() else None
+    return found[1] if found else "17"
+
+
 def _check_prerequisites() -> str:
     """Return the path of cmake; raise InstallError naming whatever is missing."""
     missing = []
@@ -100,7 +112,8 @@ def _check_prerequisites() -> str:
         if version is None or (int(version[1]), int(version[2])) < (3, 13):
             missing.append(f"cmake >= 3.13 (found {found.splitlines()[0] if found else 'an unusable cmake'})")
     if shutil.which(os.environ.get("CXX", "g++")) is None:
-        missing.append("a C++17 compiler (g++ >= 8): apt-get install g++, or set CXX")
+        missing.append("a C++17 compiler (g++ >= 8; C++20, g++ >= 10, for torch >= 2.14): apt-get install g++, "
+                       "or set CXX")
     try:
         import torch
     except ImportError:
@@ -154,7 +167,7 @@ def install(*, force: bool = False, jobs: int | None = None, cpu_only: bool = Fa
     cmake = _check_prerequisites()
     with tempfile.TemporaryDirectory(prefix="distplateau-horovod-") as tmp:
         include = Path(tmp) / "cxx17.cmake"
-        include.write_text(_CMAKE_INCLUDE)
+        include.write_text(_CMAKE_INCLUDE.format(standard=cxx_standard()))
         options = f'-DCMAKE_PROJECT_INCLUDE="{include}"'
         if cpu_only:
             hide_cuda = Path(tmp) / "python-without-cuda"
@@ -185,8 +198,8 @@ def install(*, force: bool = False, jobs: int | None = None, cpu_only: bool = Fa
         ]
         if force:
             cmd.insert(4, "--force-reinstall")
-        print("distplateau: building Horovod", HOROVOD_VERSION, "without CUDA support" if cpu_only else "",
-              "(about 2 minutes)", flush=True)
+        print(f"distplateau: building Horovod {HOROVOD_VERSION} as C++{cxx_standard()}",
+              "without CUDA support" if cpu_only else "", "(2-20 minutes)", flush=True)
         # pip's output is passed through as it comes, and read for the one failure whose cause
         # is not the compiler's: Horovod's CMake not finding the CUDA toolkit.
         toolkit_missing = False
