@@ -17,8 +17,10 @@ For each release, one at a time (an environment is about 5 GB):
    registry's torch is a CUDA build, and Horovod's CUDA support would need the CUDA toolkit);
 4. run pytest: the single-process tests, the contract checks on real ranks
    (``tests/test_distributed.py``: torch.distributed gloo, and ``horovodrun`` where Horovod
-   built), the exit test, and the Lightning, Fabric and Accelerate tests where installed;
-5. delete the environment unless ``--keep``.
+   built) and the exit test; then, in a column of their own, the Lightning, Fabric and
+   Accelerate tests where installed;
+5. delete the environment unless ``--keep``; a kept one is used again by the next run (Horovod
+   too, if it still imports: ``install_horovod`` does nothing then).
 
 Every step runs under a hard timeout that kills its process group. Ends with a Markdown table
 (also in ``.venv-torch/results.md``; the logs stay in ``.venv-torch/logs/``). Exits 1 if a
@@ -65,6 +67,7 @@ class Result:
     failed: int = 0
     skipped: int = 0
     recompiles: str = "-"
+    frameworks: str = "-"
     wall_s: float = 0.0
     status: str = "ok"
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -94,26 +97,32 @@ def pip_env(pin: Path) -> dict[str, str]:
 
 
 def build_env(version: str, frameworks: bool, log: Path) -> Path:
-    """``.venv-torch/<version>`` with torch ``version``, distplateau and the test tools; its python."""
+    """``.venv-torch/<version>`` with torch ``version``, distplateau and the test tools; its python.
+    A complete one that ``--keep`` left is used again as it is."""
     env_dir = ENVS / version
     python = env_dir / "bin" / "python"
-    if env_dir.exists():  # left by --keep or an interrupted run: start again from nothing
+    pins = [f"torch=={version}"]
+    if tuple(int(p) for p in version.split(".")[:2]) < (2, 4):
+        pins.append(OLD_NUMPY)
+    extras = "horovod,test,lightning,accelerate" if frameworks else "horovod,test"
+    stamp, want = env_dir / ".distplateau-torch", " ".join([*pins, extras])
+    if stamp.exists() and stamp.read_text() == want:
+        print(f"  {env_dir} is complete: used again", flush=True)
+        return python
+    if env_dir.exists():  # an interrupted run, or other extras: start again from nothing
         shutil.rmtree(env_dir)
     WHEELS.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
     pin = env_dir / "constraints.txt"
-    pins = [f"torch=={version}"]
-    if tuple(int(p) for p in version.split(".")[:2]) < (2, 4):
-        pins.append(OLD_NUMPY)
     pin.write_text("\n".join(pins) + "\n")
     env = pip_env(pin)
     step(f"download torch {version} (once)", [sys.executable, "-m", "pip", "download", "-q", "--dest", str(WHEELS),
                                                f"torch=={version}"], log, 1800, env)
     step(f"install torch {version}", [str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links",
                                       str(WHEELS), f"torch=={version}"], log, 900, env)
-    extras = "horovod,test,lightning,accelerate" if frameworks else "horovod,test"
     step(f"install distplateau[{extras}]", [str(python), "-m", "pip", "install", "-q", "-e", f".[{extras}]",
                                            *pins[1:]], log, 900, env)
+    stamp.write_text(want)
     return python
 
 
@@ -147,8 +156,11 @@ def run_release(version: str, frameworks: bool, horovod: bool, timeout: int, pyt
         if installed.split("+")[0] != version:
             raise RuntimeError(f"the env has torch {installed}, not {version}")
         print(f"  torch {installed}, Python {result.python}", flush=True)
+        check = [str(python), "-m", "distplateau.install_horovod", "--check"]
         if not horovod:
             result.horovod = "not built (--horovod)"
+        elif subprocess.run(check, capture_output=True, timeout=300, check=False).returncode == 0:
+            result.horovod = "ok (kept env)"
         else:
             try:
                 seconds = step("build Horovod (--cpu-only)", [str(python), "-m", "distplateau.install_horovod",
@@ -157,12 +169,19 @@ def run_release(version: str, frameworks: bool, horovod: bool, timeout: int, pyt
             except RuntimeError as err:
                 print(f"  {err}", flush=True)
                 result.horovod = "FAILED: " + _last_line(str(err))
-        args = pytest_args or SINGLE + RANKS + (FRAMEWORK_TESTS if frameworks else [])
-        if not result.horovod.startswith("ok") and not pytest_args:
-            args = [*args, "-k", "not horovod"]  # recorded in the Horovod column, not as failures
-        run_pytest(result, python, "lightning.pytorch,pytorch_lightning", timeout, args)
+        # Without Horovod, its tests are left out: the Horovod column says why, they are no failures.
+        deselect = [] if result.horovod.startswith("ok") or pytest_args else ["-k", "not horovod"]
+        run_pytest(result, python, "lightning.pytorch,pytorch_lightning", timeout,
+                   (pytest_args or SINGLE + RANKS) + deselect)
         result.recompiles = recompiles(python.parent.parent / "junit.xml")
         shutil.copy(python.parent.parent / "pytest.log", LOGS / f"{version}-pytest.log")
+        if frameworks and not pytest_args:
+            # A column of their own: a framework that does not run on this torch is its limit, not ours.
+            seen = Result(version)
+            run_pytest(seen, python, "lightning.pytorch,pytorch_lightning", timeout, FRAMEWORK_TESTS + deselect)
+            result.frameworks = f"{seen.passed} passed, {seen.failed} failed, {seen.skipped} skipped"
+            result.failures += [f"(frameworks) {failure}" for failure in seen.failures]
+            shutil.copy(python.parent.parent / "pytest.log", LOGS / f"{version}-frameworks-pytest.log")
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
         print(f"  {err}", flush=True)
         result.status = "FAILED: " + _last_line(str(err))
@@ -180,11 +199,11 @@ def _last_line(text: str) -> str:
 
 def table(results: list[Result], date: str) -> str:
     lines = ["| date | torch | Python | passed | failed | skipped | Horovod build | recompiles (tensor/float lr) "
-             "| wall | result |",
-             "|---|---|---|---:|---:|---:|---|---|---:|---|"]
+             "| Lightning, Fabric, Accelerate | wall | result |",
+             "|---|---|---|---:|---:|---:|---|---|---|---:|---|"]
     for r in results:
         lines.append(f"| {date} | {r.version} | {r.python} | {r.passed} | {r.failed} | {r.skipped} | {r.horovod} "
-                     f"| {r.recompiles} | {r.wall_s / 60:.1f} min | {r.status} |")
+                     f"| {r.recompiles} | {r.frameworks} | {r.wall_s / 60:.1f} min | {r.status} |")
     failures = [f"- torch {r.version}: {f}" for r in results for f in r.failures]
     return "\n".join(lines + ([""] + failures if failures else [])) + "\n"
 
@@ -200,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="releases to build Horovod for and run the horovodrun tests on (default: all; '' "
                              "for none): a build takes 5-15 min on 2 busy cores")
     parser.add_argument("--timeout", type=int, default=2400, help="seconds per pytest run before it is killed")
-    parser.add_argument("--keep", action="store_true", help="keep each environment (about 5 GB each)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each environment (about 5 GB each), and use a kept one again")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest instead of the default tests")
     args = parser.parse_args(argv)
     if not shutil.which("timeout"):
