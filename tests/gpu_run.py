@@ -7,10 +7,10 @@ then ``bench/cuda_step.py``, each under a hard timeout (7 minutes in all), and p
 Markdown table to paste into docs/guides/gpu.md and docs/compatibility.md: the card, the
 versions, the counts, the benchmark, the wall time. Everything is also written to ``--out``.
 
-pytest, pytest-timeout and hypothesis must be importable there. Where they are not, bring
-their wheels: ``python -m tests.gpu_run --fetch-wheels`` (on a machine with the registry)
-puts them, for Python 3.10 to 3.13, in ``.cache/gpu-wheels``, from which this command
-installs whatever is missing. Without a CUDA device every test skips with its reason and the
+pytest, pytest-timeout, hypothesis, setuptools and wheel must be importable there. Where
+they are not, bring their wheels: ``python -m tests.gpu_run --fetch-wheels`` (on a machine
+with the registry) puts them, for Python 3.10 to 3.13, in ``.cache/gpu-wheels``, from which
+this command installs whatever is missing. Without a CUDA device every test skips with its reason and the
 benchmark prints ``no CUDA device: skipped``: the table then says so.
 """
 
@@ -27,7 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".cache" / "gpu-wheels"
-TOOLS = {"pytest": "pytest>=8", "pytest_timeout": "pytest-timeout>=2.3", "hypothesis": "hypothesis>=6.100"}
+# What the tests and the editable install (without build isolation) need besides torch.
+TOOLS = {"pytest": "pytest>=8", "pytest_timeout": "pytest-timeout>=2.3", "hypothesis": "hypothesis>=6.100",
+         "setuptools": "setuptools>=61", "wheel": "wheel"}
 TESTS = ["tests/test_cuda.py", "tests/test_tensor_lr.py"]
 PYTEST_TIMEOUT, BENCH_TIMEOUT = 330, 90  # seconds: the run stays under 8 minutes with installs
 
@@ -54,8 +56,8 @@ def install() -> None:
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                            "--no-index", "-e", str(ROOT)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"pip could not install distplateau without deps (it needs setuptools>=61 and wheel in "
-                           f"this Python):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+        raise RuntimeError(f"pip could not install distplateau without deps:\n{done.stdout[-1500:]}"
+                           f"{done.stderr[-1500:]}")
 
 
 def timed(cmd: list[str], timeout: int, log: Path) -> tuple[int, float, str]:
