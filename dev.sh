@@ -7,6 +7,13 @@
 #   bash dev.sh compat  the Lightning tests against lightning and pytorch-lightning 2.1.0 to 2.6.6
 #                       (the last release of each minor; ~8 min), one venv each in .venv-compat/ sharing .venv's torch
 #                       and Horovod; e.g. `--versions 2.6.6 --packages lightning -- tests/test_lightning.py`
+#   bash dev.sh compat-torch  the single-process, torch.distributed and horovodrun tests (Lightning, Fabric and
+#                       Accelerate on the oldest and newest) against torch 2.1.2 to 2.15.0, one fresh env at a
+#                       time in .venv-torch/ (~5 GB, deleted after), Horovod built --cpu-only in each; downloads
+#                       cached in .cache/torch-wheels (~18 GB); e.g. `--versions 2.1.2 --keep -- tests/test_tensor_lr.py`
+#   bash dev.sh gpu     on a GPU machine, with the python3 already there (or DISTPLATEAU_GPU_PYTHON), no registry
+#                       needed: distplateau installed without deps, `pytest -m cuda`, bench/cuda_step.py, a results
+#                       table (< 8 min; `--out DIR` for the logs)
 #   bash dev.sh docs    build the documentation warning-free (docs/_build/html) and run its doctests
 #   bash dev.sh reliability  the full reliability campaign on real ranks (~6 min idle), summary table
 #   bash dev.sh bench   every benchmark (1-4 real ranks, Horovod and gloo; ~2.5 min), Markdown tables
@@ -97,6 +104,12 @@ case "$cmd" in
   compat)
     setup
     exec "$PY" -m tests.compat "$@" ;;
+  compat-torch)
+    setup
+    exec "$PY" -m tests.compat_torch "$@" ;;
+  gpu)
+    # No setup: a GPU machine has its own Python, torch and Lightning, and no registry.
+    exec "${DISTPLATEAU_GPU_PYTHON:-python3}" -m tests.gpu_run "$@" ;;
   reliability)
     setup
     exec "$PY" -m tests.reliability.run "$@" ;;
@@ -115,5 +128,5 @@ case "$cmd" in
   release-check)
     setup
     exec "$PY" -m tests.release_check "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|reliability|bench|multinode|ray|release-check}" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|compat-torch|gpu|reliability|bench|multinode|ray|release-check}" >&2; exit 2 ;;
 esac

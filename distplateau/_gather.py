@@ -13,7 +13,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, get_args
 
 import torch
@@ -99,16 +99,16 @@ class LocalGather:
 
 
 class TorchGather:
-    """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)
-    of one float64 record per rank. When the process group's timeout expires in it, raises
-    ``TimeoutError`` naming the causes a rank cannot tell apart, with torch's error chained."""
+    """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13;
+    ``all_gather`` into views of the table on CPU before torch 2.4) of one float64 record per
+    rank. When the process group's timeout expires in it, raises ``TimeoutError`` naming the
+    causes a rank cannot tell apart, with torch's error chained."""
 
     _last_work: Any = None  # the latest step's finished collective, see _gather_into
 
     def __init__(self, group: Any = None) -> None:
         import torch.distributed as dist
 
-        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._group = group
         self.size = dist.get_world_size(group)
         self.index = dist.get_rank(group)
@@ -119,6 +119,13 @@ class TorchGather:
             )
         self.ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(self.size))
         self._device = _device(group)
+        self._all_gather: Callable[..., Any]
+        if hasattr(dist, "all_gather_single"):
+            self._all_gather = dist.all_gather_single
+        elif self._device.type == "cpu" and _TORCH_VERSION < (2, 4):
+            self._all_gather = _all_gather_into_views
+        else:
+            self._all_gather = dist.all_gather_into_tensor
         self._row: struct.Struct | None = None  # CPU: tensors over reused bytearrays, see _cpu
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
@@ -183,6 +190,17 @@ class TorchGather:
                              group, "the process group's timeout",
                              "the timeout passed to init_process_group(timeout=...)",
                              f"torch.distributed said: {text}") from err
+
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _all_gather_into_views(table: torch.Tensor, local: torch.Tensor, group: Any = None, async_op: bool = False) -> Any:
+    """``all_gather_into_tensor`` for CPU groups before torch 2.4: torch 2.1.2's gloo has none
+    (``RuntimeError: no support for _allgather_base in Gloo process group``), 2.4.1's has (2.2 and
+    2.3 were not measured, so they take this path too). ``all_gather`` into one view of ``table``
+    per rank is the same single collective."""
+    return torch.distributed.all_gather(list(table.split(local.numel())), local, group=group, async_op=async_op)
 
 
 def _device(group: Any) -> torch.device:

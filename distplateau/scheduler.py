@@ -9,6 +9,7 @@ import logging
 import math
 from typing import Any, Literal, SupportsFloat
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -193,6 +194,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         super().__init__(
             optimizer, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps  # type: ignore[arg-type]
         )
+        if not hasattr(self, "_last_lr"):  # torch 2.1's ReduceLROnPlateau sets it at its first step only
+            self._last_lr = self._current_lrs()
         self.reduction: Reduction = reduction
         self.nan_policy: NanPolicy = nan_policy
         self.last_global_metric: float | None = None
@@ -293,10 +296,39 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         state. Always ``False`` without ``stop_patience``."""
         return self.stop_patience is not None and self.steps_since_best >= self.stop_patience
 
+    def get_last_lr(self) -> list[float | Tensor]:
+        """The learning rate of each parameter group after the latest :meth:`step` (before
+        any: at construction), as torch's ``LRScheduler.get_last_lr`` returns it: a tensor
+        learning rate comes back as a tensor, as in torch's own class from torch 2.10 on.
+        Defined here because torch 2.1's ``ReduceLROnPlateau`` has no ``get_last_lr``."""
+        return self._last_lr
+
+    def _current_lrs(self) -> list[float | Tensor]:
+        # What torch >= 2.10 keeps in _last_lr: a tensor learning rate is copied, so that a later
+        # in-place change of the rate does not change what get_last_lr() returned.
+        return [lr.clone() if isinstance(lr := group["lr"], Tensor) else lr for group in self.optimizer.param_groups]
+
     def _set_lrs(self, lrs: list[float]) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
+            # A tensor learning rate is what a compiled or capturable optimizer step reads: write
+            # into it (keeping its dtype and device) rather than replace it, which would make a
+            # compiled step recompile and a captured one never see the new rate.
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = self._current_lrs()
+
+    def _reduce_lr(self, epoch: Any) -> None:
+        # torch before 2.10 assigns the reduced rate to group["lr"] as a float, replacing a tensor
+        # learning rate (pytorch #163093); torch's own arithmetic, then the result written back
+        # into the tensor, as torch >= 2.10 does itself.
+        tensors = [group["lr"] if isinstance(group["lr"], Tensor) else None for group in self.optimizer.param_groups]
+        super()._reduce_lr(epoch)
+        for group, tensor in zip(self.optimizer.param_groups, tensors):
+            if tensor is not None and group["lr"] is not tensor:
+                tensor.fill_(group["lr"])
+                group["lr"] = tensor
 
     def fingerprint(self) -> float:
         """A 53-bit digest of the scheduler's state, settings and learning rates, as a float.
@@ -376,15 +408,17 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
                              f"rank {rank}'s has {len(self.optimizer.param_groups)}; build the same optimizer "
                              "on every rank")
         self.load_state_dict(message["state"])
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
+        self._set_lrs(lrs)  # in place for tensor learning rates; _last_lr as this rank's types
 
     def _state_message(self, src: int) -> bytes:
         # An unsendable state still goes out, as an error every rank raises: rank src raising
         # before the broadcast would leave the other ranks waiting in it.
         try:
-            text = json.dumps({"state": self.state_dict(),
-                               "lrs": [float(group["lr"]) for group in self.optimizer.param_groups]})
+            state = self.state_dict()
+            # torch >= 2.10 keeps tensor learning rates in _last_lr as tensors: they travel as
+            # floats, and each receiving rank rebuilds its _last_lr from its own learning rates.
+            state["_last_lr"] = [float(lr) for lr in state["_last_lr"]]
+            text = json.dumps({"state": state, "lrs": [float(group["lr"]) for group in self.optimizer.param_groups]})
         except (TypeError, ValueError) as err:
             text = json.dumps({"error": f"sync_state(src={src}): rank {src}'s state is not plain values: {err}"})
         if len(text) > BROADCAST_BYTES:

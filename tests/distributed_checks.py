@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from distplateau import DistributedReduceLROnPlateau
-from tests.reliability.cases import snapshot
+from tests.reliability.cases import last_lr, snapshot
 
 # Set on each rank by init_backend(), read by the checks.
 BACKEND = ""
@@ -128,7 +128,7 @@ def same_everywhere(s: ReduceLROnPlateau) -> None:
 
 def matches(ours: ReduceLROnPlateau, ref: ReduceLROnPlateau) -> None:
     a = (ours.get_last_lr(), ours.best, ours.num_bad_epochs, ours.cooldown_counter, ours.last_epoch)
-    b = (ref.get_last_lr(), ref.best, ref.num_bad_epochs, ref.cooldown_counter, ref.last_epoch)
+    b = (last_lr(ref), ref.best, ref.num_bad_epochs, ref.cooldown_counter, ref.last_epoch)
     assert repr(a) == repr(b), f"ours {a} != reference {b}"
 
 
@@ -170,7 +170,7 @@ def subclass_keeps_parent_arguments_and_attributes() -> None:
     for name in ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown",
                  "min_lrs", "eps", "best", "num_bad_epochs", "cooldown_counter", "last_epoch"):
         assert getattr(s, name) == getattr(r, name), name
-    assert s.get_last_lr() == r.get_last_lr()
+    assert s.get_last_lr() == last_lr(r)
     d = make()
     assert (d.mode, d.factor, d.patience, d.threshold, d.threshold_mode, d.cooldown, d.min_lrs, d.eps) == (
         "min", 0.1, 10, 1e-4, "rel", 0, [0], 1e-8)
@@ -533,6 +533,28 @@ def sync_state_repairs_diverged_state_in_one_collective() -> None:
 
 
 @check
+def sync_state_and_steps_keep_tensor_learning_rates_in_place() -> None:
+    # lr=torch.tensor(...), as compiled and capturable optimizers take it: warmup, the plateau's
+    # reduction and sync_state write into that tensor on every rank, whatever the torch release.
+    model = torch.nn.Linear(1, 1)
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    s = DistributedReduceLROnPlateau(torch.optim.SGD(model.parameters(), lr=lr), patience=0, warmup=1,
+                                     backend=BACKEND)
+    for value in (1.0, 1.0, 1.0):  # the warmup step, then the first value, then a cut
+        s.step(value)
+    assert s.optimizer.param_groups[0]["lr"] is lr and lr.dtype == torch.float64 and float(lr) == 0.05, lr
+    good = float(lr)
+    if RANK == 1:  # rank 1 went astray: another state and another rate, in the same tensor
+        s.load_state_dict({**s.state_dict(), "best": 5.0})
+        lr.fill_(0.25)
+    with exactly_one_collective():
+        s.sync_state(src=0)
+    assert s.optimizer.param_groups[0]["lr"] is lr and lr.dtype == torch.float64 and float(lr) == good, lr
+    assert [float(x) for x in s.get_last_lr()] == [good] and s.best == 1.0
+    same_everywhere(s)
+
+
+@check
 def horovod_elastic_state_keeps_the_live_schedulers() -> None:
     if BACKEND != "horovod":
         return
@@ -690,8 +712,8 @@ def warmup_then_plateau_follows_a_ramp_then_torch_on_the_global_mean() -> None:
         else:
             ref.step(g)
             matches_after_warmup = (s.get_last_lr(), s.best, s.num_bad_epochs) == (
-                ref.get_last_lr(), ref.best, ref.num_bad_epochs)
-            assert matches_after_warmup, (step, s.get_last_lr(), ref.get_last_lr())
+                last_lr(ref), ref.best, ref.num_bad_epochs)
+            assert matches_after_warmup, (step, s.get_last_lr(), last_lr(ref))
     same_everywhere(s)
 
 

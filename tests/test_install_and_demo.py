@@ -28,6 +28,15 @@ def test_missing_cmake_and_compiler_are_named_before_any_build(tmp_path: Path):
     assert "building Horovod" not in out.stdout
 
 
+def test_cpu_only_refuses_gpu_operations_before_any_build():
+    env = {**os.environ, "HOROVOD_GPU_OPERATIONS": "NCCL"}
+    out = subprocess.run([sys.executable, "-m", "distplateau.install_horovod", "--force", "--cpu-only"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    assert out.returncode == 1
+    assert "--cpu-only builds no GPU operations, but HOROVOD_GPU_OPERATIONS is set" in out.stderr
+    assert "building Horovod" not in out.stdout
+
+
 def test_demo_shows_plain_scheduler_diverging_and_ours_identical():
     proc = run_horovod(2, [str(ROOT / "examples" / "horovod_demo.py"), "--epochs", "12"], timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -15,6 +15,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from distplateau import DistributedReduceLROnPlateau
+from tests.reliability.cases import last_lr
 
 
 def optimizer(lr: float = 1.0, groups: int = 1) -> torch.optim.Optimizer:
@@ -23,7 +24,7 @@ def optimizer(lr: float = 1.0, groups: int = 1) -> torch.optim.Optimizer:
 
 
 def state(s: ReduceLROnPlateau) -> tuple:
-    return (s.get_last_lr(), s.best, s.num_bad_epochs, s.cooldown_counter, s.last_epoch)
+    return (last_lr(s), s.best, s.num_bad_epochs, s.cooldown_counter, s.last_epoch)
 
 
 @pytest.mark.parametrize("backend", ["none", "auto"])

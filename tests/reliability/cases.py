@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-__all__ = ["Expected", "expected_step", "draw_cases", "case_strategy", "snapshot", "checkpoint_rows",
+__all__ = ["Expected", "expected_step", "draw_cases", "case_strategy", "snapshot", "last_lr", "checkpoint_rows",
            "CHECKPOINT_KWARGS", "CHECKPOINT_SAVE_STEPS", "CHECKPOINT_RESUME_STEPS", "CHECKPOINT_SEED"]
 
 REDUCTIONS = ("mean", "sum", "min", "max")
@@ -88,9 +88,18 @@ def expected_step(entries: Sequence[Sequence[Any]], reduction: str, nan_policy: 
     return Expected(value=_reduce(values, weights, reduction))
 
 
+def last_lr(s: Any) -> list[Any]:
+    """``s.get_last_lr()``, also for torch 2.1's own ``ReduceLROnPlateau``, which has no
+    ``get_last_lr`` (torch 2.2 added it): there, the learning rates its latest step left in
+    ``_last_lr``, or before any step the optimizer's."""
+    if hasattr(s, "get_last_lr"):
+        return list(s.get_last_lr())
+    return list(getattr(s, "_last_lr", [g["lr"] for g in s.optimizer.param_groups]))
+
+
 def snapshot(s: Any) -> str:
     """Everything of a ``ReduceLROnPlateau`` that must be bit-identical, as exact reprs."""
-    return repr((s.get_last_lr(), [g["lr"] for g in s.optimizer.param_groups], s.best, s.num_bad_epochs,
+    return repr((last_lr(s), [g["lr"] for g in s.optimizer.param_groups], s.best, s.num_bad_epochs,
                  s.cooldown_counter, s.last_epoch))
 
 
