@@ -242,6 +242,10 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
                 unusable; the scheduler is left unchanged.
             RuntimeError: on every rank, if the ranks' scheduler states differ.
             FloatingPointError: on every rank, with ``nan_policy="raise"``.
+            TimeoutError: on a rank that waited for the others longer than the process group's
+                timeout (torch.distributed) or ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` (Horovod); the
+                message names the causes it cannot tell apart (a skipped or repeated call, a
+                dead or frozen rank, a failed network), the wait and the group.
         """
         refuse_wrapper()
         gather = self._adapter()
