@@ -59,14 +59,14 @@ setup() {
   if [[ -x "$PY" ]]; then
     echo "setup: updating $VENV (setup.cfg, dev.sh or distplateau/install_horovod.py changed since it was built)"
   else
-    echo "setup: building $VENV (first run: about 3-5 minutes on 2 idle cores; later runs reuse it)"
+    echo "setup: building $VENV (first run: about 6-7 minutes on 2 idle cores; later runs reuse it)"
     setup_step "creating the virtual environment" python3 -m venv "$VENV"
   fi
   setup_step "upgrading pip" "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
   setup_step "installing torch 2.13.0 (CPU), distplateau and its extras" \
     "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
-  setup_step "building Horovod 0.28.1 against torch (about 2 minutes)" "$PY" -m distplateau.install_horovod
+  setup_step "building Horovod 0.28.1 against torch (about 4 minutes)" "$PY" -m distplateau.install_horovod
   # DeepSpeed compiles its CPU shared-memory op when its first process group starts (~100 s on 2
   # cores, cached in ~/.cache/torch_extensions): here, not inside tests/test_deepspeed.py's timeout.
   setup_step "compiling DeepSpeed's CPU op" env DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
