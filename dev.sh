@@ -64,10 +64,8 @@ setup() {
   fi
   setup_step "upgrading pip" "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
-  # --no-compile: byte-compiling all 14 000 modules of these packages is about 60 s on one core;
-  # Python compiles (and caches) the few it imports when it first imports them.
   setup_step "installing torch 2.13.0 (CPU), distplateau and its extras" \
-    "$PY" -m pip install -q --no-compile "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
+    "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
   setup_step "building Horovod 0.28.1 against torch (about 4 minutes)" "$PY" -m distplateau.install_horovod
   # DeepSpeed compiles its CPU shared-memory op when its first process group starts (~100 s on 2
   # cores, cached in ~/.cache/torch_extensions): here, not inside tests/test_deepspeed.py's timeout.
