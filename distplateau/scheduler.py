@@ -394,6 +394,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             ValueError: on every rank, if ``src`` is not in the group (before the broadcast)
                 or rank ``src``'s state cannot be sent; on a rank whose optimizer has another
                 number of parameter groups than rank ``src``'s (its scheduler is unchanged).
+            TimeoutError: on a rank that waited for the broadcast longer than the process
+                group's timeout (torch.distributed) or ``DISTPLATEAU_HOROVOD_TIMEOUT_S``
+                (Horovod), as in :meth:`step`; its scheduler is unchanged.
         """
         gather = self._adapter()
         if src not in gather.ranks:
