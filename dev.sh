@@ -47,16 +47,6 @@ setup_step() {
   fi
 }
 
-# The byte-compiling pip would do one file at a time (~60 s), on every core. It is needed: these
-# machines set PYTHONDONTWRITEBYTECODE=1, so without it every rank would compile torch on import.
-# compileall exits 1 when a file does not compile on this Python (torch's py312_intrinsics.py),
-# which pip skips silently too.
-compile_venv() {
-  local site
-  site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  "$PY" -m compileall -q -j 0 "$site" || [[ $? == 1 ]]
-}
-
 setup() {
   local stamp="$VENV/.distplateau-setup" want start=$SECONDS
   want=$(cat setup.cfg dev.sh distplateau/install_horovod.py | sha256sum | cut -c1-16)
@@ -75,10 +65,8 @@ setup() {
   setup_step "upgrading pip" "$PY" -m pip install -q --upgrade pip
   # torch pinned: 2.13.0 is the CPU build; a bare `torch` would pull several GB of CUDA wheels.
   setup_step "installing torch 2.13.0 (CPU), distplateau and its extras" \
-    "$PY" -m pip install -q --no-compile "torch==2.13.0" \
-    -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
-  setup_step "byte-compiling it on every core" compile_venv
-  setup_step "building Horovod 0.28.1 against torch (about 4 minutes)" "$PY" -m distplateau.install_horovod
+    "$PY" -m pip install -q "torch==2.13.0" -e ".[horovod,lightning,pytorch-lightning,accelerate,deepspeed,transformers,test,docs]"
+  setup_step "building Horovod 0.28.1 against torch (about 3 minutes)" "$PY" -m distplateau.install_horovod
   # DeepSpeed compiles its CPU shared-memory op when its first process group starts (~100 s on 2
   # cores, cached in ~/.cache/torch_extensions): here, not inside tests/test_deepspeed.py's timeout.
   setup_step "compiling DeepSpeed's CPU op" env DS_ACCELERATOR=cpu "$PY" -c 'from deepspeed.accelerator import get_accelerator
@@ -107,7 +95,7 @@ case "$cmd" in
     "$PY" -m mypy
     # Two pytest workers, a test file each at a time (its launches share module fixtures): the
     # single-process tests and the ranks waiting out a timeout leave a core idle a quarter of the
-    # time otherwise (pytest 917 s -> 636 s on 2 idle cores, docs/benchmarks.md).
+    # time otherwise (measured on 2 cores, 2026-12-03: 610 tests in 636 s, 773 s on one worker).
     "$PY" -m pytest -n 2 --dist loadfile "$@"
     docs ;;
   docs)

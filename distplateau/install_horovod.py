@@ -42,6 +42,8 @@ _CMAKE_INCLUDE = textwrap.dedent(
     """\
     set(CMAKE_CXX14_STANDARD_COMPILE_OPTION "-std=c++{standard}")
     set(CMAKE_CXX14_EXTENSION_COMPILE_OPTION "-std=gnu++{standard}")
+    set(CMAKE_CXX_FLAGS_RELWITHDEBINFO "-O2 -DNDEBUG")
+    set(CMAKE_C_FLAGS_RELWITHDEBINFO "-O2 -DNDEBUG")
     """
 )
 
