@@ -1,6 +1,6 @@
 """distplateau against several torch releases, one fresh environment per release.
 
-    python -m tests.compat_torch            # bash dev.sh compat-torch: every release below, 6-60 min each
+    python -m tests.compat_torch            # bash dev.sh compat-torch: each release below, 8-15 min (2 idle cores)
     python -m tests.compat_torch --versions 2.1.2 --keep -- tests/test_scheduler.py
 
 For each release, one at a time (an environment is about 5 GB):
