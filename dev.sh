@@ -59,7 +59,7 @@ setup() {
   if [[ -x "$PY" ]]; then
     echo "setup: updating $VENV (setup.cfg, dev.sh or distplateau/install_horovod.py changed since it was built)"
   else
-    echo "setup: building $VENV (first run: about 5-6 minutes on 2 idle cores; later runs reuse it)"
+    echo "setup: building $VENV (first run: 5-6 min on 2 idle cores; later runs reuse it)"
     setup_step "creating the virtual environment" python3 -m venv "$VENV"
   fi
   setup_step "upgrading pip" "$PY" -m pip install -q --upgrade pip
