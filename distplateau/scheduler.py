@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
 from typing import Any, Literal, SupportsFloat
 
 from torch import Tensor
+from torch import __version__ as torch_version
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -45,6 +47,21 @@ class _NoMetric:
 _NO_METRIC: Any = _NoMetric()
 
 
+class _NotInThisTorch:
+    """The default of ``verbose`` where this torch's ``ReduceLROnPlateau`` has no ``verbose``."""
+
+    def __repr__(self) -> str:
+        return "<not in this torch>"
+
+
+_NOT_IN_THIS_TORCH: Any = _NotInThisTorch()
+# torch 2.1's ReduceLROnPlateau takes verbose=False as its 10th argument; later releases default it
+# to "deprecated" (warning when it is set), then drop it. Ours takes it in the same place, with this
+# torch's default, and hands it on only where the parent has it.
+_PARENT_VERBOSE = inspect.signature(ReduceLROnPlateau.__init__).parameters.get("verbose")
+_VERBOSE_DEFAULT: Any = _NOT_IN_THIS_TORCH if _PARENT_VERBOSE is None else _PARENT_VERBOSE.default
+
+
 def _no_metric_message(rank: int) -> str:
     """What ``step()`` without a metric raises on ``rank``."""
     return (
@@ -78,6 +95,14 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         cooldown (int): epochs to wait after a reduction. Default: 0.
         min_lr (float or list): lower bound on the learning rate(s). Default: 0.
         eps (float): smaller updates of the learning rate are ignored. Default: 1e-8.
+        verbose: handed on to the parent where this torch's ``ReduceLROnPlateau`` has it (torch
+            2.1: ``False``, a message per reduction; then deprecated, then removed), with the
+            parent's default; where it has none, passing it raises the parent's ``TypeError``.
+        last_epoch (int): the count of steps already taken, as generic scheduler factories pass it
+            to every torch scheduler (``-1``: none, a fresh run). The scheduler starts with
+            :attr:`last_epoch` ``= last_epoch + 1``, as torch's ``LRScheduler`` does after
+            construction; ``warmup`` counts on from there. It restores no other state (``best``,
+            the counters, learning rates): :meth:`load_state_dict` does. Default: -1.
         reduction (str): how the ranks' metrics become one: ``"mean"`` (weighted by each
             rank's ``weight``), ``"sum"``, ``"min"`` or ``"max"``. Ranks with weight 0 are
             left out of every reduction. Default: ``"mean"``.
@@ -162,7 +187,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         cooldown: int = 0,
         min_lr: list[float] | float = 0,
         eps: float = 1e-8,
+        verbose: Any = _VERBOSE_DEFAULT,
         *,
+        last_epoch: int = -1,
         reduction: Reduction = "mean",
         nan_policy: NanPolicy = "drop",
         backend: Backend = "auto",
@@ -191,9 +218,17 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             raise ValueError(f"warmup must be a whole number of steps >= 0; got {warmup!r}")
         if not 0 < warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must be in (0, 1]; got {warmup_start_factor!r}")
-        super().__init__(
-            optimizer, mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps  # type: ignore[arg-type]
-        )
+        if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
+            raise ValueError(f"last_epoch must be a whole number >= -1 (-1: a fresh run); got {last_epoch!r}")
+        parent_args: tuple[Any, ...] = (mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps)
+        if _PARENT_VERBOSE is not None:
+            parent_args += (verbose,)
+        elif verbose is not _NOT_IN_THIS_TORCH:
+            raise TypeError(f"DistributedReduceLROnPlateau got verbose={verbose!r}, but torch {torch_version}'s "
+                            "ReduceLROnPlateau has no verbose argument (deprecated since torch 2.2, then removed): "
+                            "leave it out")
+        super().__init__(optimizer, *parent_args)
+        self.last_epoch = last_epoch + 1
         if not hasattr(self, "_last_lr"):  # torch 2.1's ReduceLROnPlateau sets it at its first step only
             self._last_lr = self._current_lrs()
         self.reduction: Reduction = reduction
@@ -216,7 +251,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         # The learning rates that warmup climbs to, saved with the state for a resumed run.
         self.warmup_lrs = [float(group["lr"]) for group in optimizer.param_groups] if warmup else []
         if warmup:
-            self._set_lrs([lr * warmup_start_factor for lr in self.warmup_lrs])
+            self._set_warmup_lrs()
 
     def step(  # type: ignore[override]
         self, metrics: SupportsFloat | Any = _NO_METRIC, weight: SupportsFloat | Any = None, epoch: int | None = None
@@ -285,9 +320,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             self.last_finite_metric = value
         if self.last_epoch < self.warmup:
             self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
-            done = min(self.last_epoch / self.warmup, 1.0)
-            start = self.warmup_start_factor
-            self._set_lrs([lr * (start + (1 - start) * done) for lr in self.warmup_lrs])
+            self._set_warmup_lrs()
             return
         best = self.best
         super().step(value, epoch)
@@ -311,6 +344,12 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         # What torch >= 2.10 keeps in _last_lr: a tensor learning rate is copied, so that a later
         # in-place change of the rate does not change what get_last_lr() returned.
         return [lr.clone() if isinstance(lr := group["lr"], Tensor) else lr for group in self.optimizer.param_groups]
+
+    def _set_warmup_lrs(self) -> None:
+        """Warmup's linear ramp at step :attr:`last_epoch`; from ``warmup`` on, the rates at construction."""
+        done = min(self.last_epoch / self.warmup, 1.0)
+        start = self.warmup_start_factor
+        self._set_lrs([lr * (start + (1 - start) * done) for lr in self.warmup_lrs])
 
     def _set_lrs(self, lrs: list[float]) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs):

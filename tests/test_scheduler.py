@@ -9,6 +9,7 @@ import math
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -85,6 +86,67 @@ def test_positional_arguments_are_the_parents():
     s = DistributedReduceLROnPlateau(optimizer(), "max", 0.5, 3, 0.01, "abs", 2, 0.001, 1e-6)
     assert (s.mode, s.factor, s.patience, s.threshold, s.threshold_mode, s.cooldown, s.min_lrs, s.eps) == (
         "max", 0.5, 3, 0.01, "abs", 2, [0.001], 1e-6)
+
+
+def test_init_takes_every_argument_of_this_torchs_parent_in_its_order_with_its_default():
+    # Run on every release of `bash dev.sh compat-torch`: an argument a new torch adds to
+    # ReduceLROnPlateau fails here until ours takes it too.
+    parent = list(inspect.signature(ReduceLROnPlateau.__init__).parameters.values())
+    ours = list(inspect.signature(DistributedReduceLROnPlateau.__init__).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[:len(parent)]] == [(p.name, p.kind, p.default) for p in parent]
+    added = ours[len(parent):]
+    # verbose stays in its torch 2.1 place on releases that dropped it (passing it raises there, as torch does).
+    if "verbose" not in {p.name for p in parent}:
+        assert added[0].name == "verbose" and added[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        added = added[1:]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in added), [p.name for p in added]
+    assert {p.name: p.default for p in added}["last_epoch"] == -1
+
+
+def test_step_takes_the_parents_arguments_by_keyword():
+    parent = inspect.signature(ReduceLROnPlateau.step).parameters
+    ours = inspect.signature(DistributedReduceLROnPlateau.step).parameters
+    assert set(parent) <= set(ours)
+    s = DistributedReduceLROnPlateau(optimizer(), patience=0)
+    with pytest.warns(UserWarning, match="epoch"):  # torch's deprecation of epoch=, as for its own class
+        s.step(metrics=1.0, epoch=7)
+    assert s.last_epoch == 7
+
+
+def test_verbose_goes_to_the_parent_where_it_has_one_and_is_torchs_type_error_where_not():
+    if "verbose" in inspect.signature(ReduceLROnPlateau.__init__).parameters:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.2 and later deprecate it
+            s = DistributedReduceLROnPlateau(optimizer(), "min", 0.1, 10, 1e-4, "rel", 0, 0, 1e-8, True)
+            t = ReduceLROnPlateau(optimizer(), "min", 0.1, 10, 1e-4, "rel", 0, 0, 1e-8, True)
+        assert s.verbose == t.verbose
+    else:
+        with pytest.raises(TypeError, match="verbose"):
+            ReduceLROnPlateau(optimizer(), verbose=True)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match=r"torch .*'s ReduceLROnPlateau has no verbose argument"):
+            DistributedReduceLROnPlateau(optimizer(), verbose=True)
+
+
+def test_last_epoch_is_the_count_of_steps_already_taken_as_in_torchs_schedulers():
+    generic = torch.optim.lr_scheduler.StepLR(optimizer(), step_size=100, last_epoch=-1)
+    assert DistributedReduceLROnPlateau(optimizer(), last_epoch=-1).last_epoch == generic.last_epoch == 0
+    s = DistributedReduceLROnPlateau(optimizer(), patience=0, last_epoch=4)  # what skorch passes after 5 epochs
+    assert s.last_epoch == 5
+    s.step(1.0)
+    assert s.last_epoch == 6 and s.best == 1.0
+    with pytest.raises(ValueError, match="last_epoch must be a whole number >= -1"):
+        DistributedReduceLROnPlateau(optimizer(), last_epoch=-2)
+
+
+def test_warmup_counts_on_from_last_epoch():
+    opt = optimizer(lr=1.0)
+    s = DistributedReduceLROnPlateau(opt, warmup=4, warmup_start_factor=0.2, last_epoch=1)  # 2 steps taken
+    assert s.last_epoch == 2 and last_lr(s) == pytest.approx([0.6])
+    s.step(1.0)
+    s.step(1.0)
+    assert s.last_epoch == 4 and last_lr(s) == [1.0]
+    done = DistributedReduceLROnPlateau(optimizer(lr=1.0), warmup=4, last_epoch=9)
+    assert last_lr(done) == [1.0]
 
 
 @pytest.mark.parametrize("backend,hint", [("torch", "init_process_group"), ("horovod", "horovod.torch.init")])
