@@ -35,6 +35,15 @@ INTERVALS: tuple[Interval, ...] = ("epoch", "step", "validation")
 _FINGERPRINT_MASK = (1 << 53) - 1  # a float64 holds integers up to 2**53 exactly
 
 
+def _is_state(key: str, value: Any) -> bool:
+    """Whether an entry of ``__dict__`` is scheduler state. Deployment is not, and neither is a
+    method set on the instance: pytorch-ignite's ``ReduceLROnPlateauScheduler`` assigns its own
+    ``_reduce_lr`` to the scheduler it wraps; saved, that bound method would carry ignite's
+    scheduler and the optimizer into the checkpoint (``torch.load(weights_only=True)`` refuses it),
+    and loaded, it would replace the live one with the saved copy's."""
+    return key not in _NOT_STATE and not inspect.ismethod(value)
+
+
 class _NoMetric:
     """The default of ``step``'s ``metrics``. Without a default, ``step()`` would raise Python's
     own ``TypeError``, and DeepSpeed's engine, which catches ``TypeError``, would step again on
@@ -396,9 +405,10 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         ``last_global_metric``, ``last_finite_metric``, the early-stopping and warmup settings
         and counts (``stop_patience``, ``steps_since_best``, ``warmup``,
         ``warmup_start_factor``, ``warmup_lrs``); not the optimizer, the backend,
-        the process set or the group, which belong to the run, not to the checkpoint.
+        the process set or the group, which belong to the run, not to the checkpoint, nor a
+        method a framework set on the instance (pytorch-ignite's ``_reduce_lr``).
         """
-        return {key: value for key, value in self.__dict__.items() if key not in _NOT_STATE}
+        return {key: value for key, value in self.__dict__.items() if _is_state(key, value)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, or from plain ``ReduceLROnPlateau``
@@ -409,7 +419,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         Raises:
             ValueError: the state dict names an unknown reduction or NaN policy.
         """
-        state = {key: value for key, value in state_dict.items() if key not in _NOT_STATE}
+        state = {key: value for key, value in state_dict.items() if _is_state(key, value)}
         check_choice("reduction", state.get("reduction", self.reduction), REDUCTIONS)
         check_choice("nan_policy", state.get("nan_policy", self.nan_policy), NAN_POLICIES)
         super().load_state_dict(state)

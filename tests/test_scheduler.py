@@ -212,6 +212,31 @@ def test_state_dict_is_plain_and_loads_with_weights_only():
         s.best, s.num_bad_epochs, s.last_epoch, s.last_global_metric, s.last_finite_metric)
 
 
+def test_a_method_set_on_the_instance_is_behaviour_not_state():
+    # pytorch-ignite's ReduceLROnPlateauScheduler does `scheduler._reduce_lr = self._reduce_lr`.
+    class Wrapper:
+        def __init__(self, scheduler: ReduceLROnPlateau) -> None:
+            self.scheduler, self.cuts = scheduler, 0
+            scheduler._reduce_lr = self._reduce_lr  # type: ignore[method-assign]
+
+        def _reduce_lr(self, epoch: int) -> None:
+            self.cuts += 1
+
+    ours, theirs = (Wrapper(cls(optimizer(), patience=0)) for cls in (DistributedReduceLROnPlateau, ReduceLROnPlateau))
+    assert "_reduce_lr" in theirs.scheduler.state_dict()  # torch's own copies the bound method
+    state = ours.scheduler.state_dict()
+    assert "_reduce_lr" not in state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    resumed = Wrapper(DistributedReduceLROnPlateau(optimizer(), patience=0))
+    resumed.scheduler.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.scheduler.load_state_dict(theirs.scheduler.state_dict())  # torch's, with ignite's method in it
+    for value in (1.0, 2.0):
+        resumed.scheduler.step(value)
+    assert resumed.cuts == 1  # the live wrapper's method, not a stale copy's
+
+
 def test_plain_torch_state_dict_loads_and_keeps_our_settings():
     plain = ReduceLROnPlateau(optimizer(), patience=2)
     for v in (1.0, 2.0, 2.0):
