@@ -21,6 +21,9 @@
 #                       in its own .venv-ray (torch 2.13.0 CPU, ray[train] 2.60.0; 1.5 GB, ~40 s to build)
 #   bash dev.sh multinode  2 "hosts" x 2 ranks on network namespaces (root): torchrun, horovodrun, Lightning,
 #                       network faults (link down, loss, freeze) with a summary table (~15 min)
+#   bash dev.sh clients  the real-client suite: darts, neuralforecast, schnetpack, MACE, timm, skorch, pytorch-ignite,
+#                       each library's own training path on 2 ranks with torch's class and ours (and its resume), one
+#                       venv each in .venv-clients/ (torch pinned in the same pip command), a table; e.g. `--only darts`
 #   bash dev.sh release-check  build the sdist and wheel, twine check, install the wheel (not the checkout) into a
 #                       fresh venv and use it there: quickstart, API doctests, entry points (~1 min)
 # The first run builds .venv (torch 2.13.0 CPU, Horovod 0.28.1 with gloo, Lightning, Accelerate, DeepSpeed),
@@ -128,8 +131,11 @@ case "$cmd" in
   multinode)
     setup
     exec "$PY" -m tests.multinode "$@" ;;
+  clients)
+    setup
+    exec "$PY" -m tests.clients.run "$@" ;;
   release-check)
     setup
     exec "$PY" -m tests.release_check "$@" ;;
-  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|compat-torch|gpu|reliability|bench|multinode|ray|release-check}" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh {demo|test|setup|docs|lightning|compat|compat-torch|gpu|reliability|bench|multinode|ray|clients|release-check}" >&2; exit 2 ;;
 esac

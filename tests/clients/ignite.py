@@ -40,7 +40,7 @@ EXTRAS = ""
 LAUNCHER = "torchrun"
 BASELINE = "synced"
 RESUME = True
-TIMEOUT = 300
+TIMEOUT = 180
 
 EPOCHS = 6
 STOP_AFTER = 3  # resume-1 stops here, resume-2 resumes from its checkpoint

@@ -51,7 +51,7 @@ EXTRAS = "accelerate"
 LAUNCHER = "torchrun"  # Accelerate reads torchrun's RANK/WORLD_SIZE/MASTER_* and starts gloo with cpu=True
 BASELINE = "diverges"
 RESUME = False  # skorch rebuilds the scheduler at every fit and saves none of its state
-TIMEOUT = 600
+TIMEOUT = 240
 
 EPOCHS = 8
 BATCH = 8
