@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -164,6 +165,9 @@ def test_attach_monitor_fills_in_the_schedulers_monitor_in_every_form(dp: Module
     sched = _scheduler()
     opt = sched.optimizer
     assert dp.attach_monitor(([opt], [sched])) == ([opt], [{"scheduler": sched, "monitor": "val_loss"}])
+    # One scheduler or lr_scheduler dict in the second place, as darts returns it
+    assert dp.attach_monitor(([opt], sched)) == ([opt], {"scheduler": sched, "monitor": "val_loss"})
+    assert dp.attach_monitor(([opt], {"scheduler": sched})) == ([opt], {"scheduler": sched, "monitor": "val_loss"})
     assert dp.attach_monitor({"optimizer": opt, "lr_scheduler": sched}) == {
         "optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
     assert dp.attach_monitor([{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}]) == [
@@ -320,6 +324,22 @@ def test_lightning_steps_torchs_scheduler_again_on_a_stale_value(pl: ModuleType,
     _fit(pl, model, tmp_path, epochs=6, check_val_every_n_epoch=2)
     assert [m for m, _ in model.steps] == [9.0, 9.0, 8.0, 8.0, 7.0], f"Lightning {pl.__version__} changed"
     assert model.steps[-1][1] == 0.25  # two cuts for a metric that improved at every validation
+
+
+def test_a_fit_without_our_scheduler_never_reads_a_validation_batch(pl: ModuleType, tmp_path: Any) -> None:
+    # Batches with no tensor: Lightning cannot infer their size. The callback counts validation
+    # samples only for DistributedReduceLROnPlateau, so nothing warns here (neuralforecast's
+    # batches made Lightning's "ambiguous collection" warning appear in fits with torch's class).
+    model = scripted_model(pl, [9.0, 8.0], torch.optim.lr_scheduler.ReduceLROnPlateau)
+    model.val_dataloader = lambda: DataLoader(["a", "b"], batch_size=2)  # type: ignore[method-assign]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _fit(pl, model, tmp_path, epochs=2)
+    assert not [w for w in seen if "batch size" in str(w.message) or "batch_size" in str(w.message)]
+    ours = scripted_model(pl, [9.0, 8.0])
+    ours.val_dataloader = lambda: DataLoader(["a", "b"], batch_size=2)  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="distplateau: cannot find the batch size of a validation batch"):
+        _fit(pl, ours, tmp_path, epochs=2)
 
 
 def test_an_epoch_without_a_new_value_is_no_plateau_step_and_no_error(pl: ModuleType, tmp_path: Any) -> None:

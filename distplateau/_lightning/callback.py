@@ -213,7 +213,9 @@ class PlateauCallbackBase(_Callback):
                 _stop_if_asked(trainer, scheduler)
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._counting = 0
+        # Counted only for our schedulers: Lightning's batch-size inference warns on batches it
+        # cannot read, which a fit without DistributedReduceLROnPlateau should never see from us.
+        self._counting = 0 if self._active else None
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0,
@@ -400,7 +402,8 @@ def attach_monitor(optim_conf: Any) -> Any:
     built with them to the ``configure_optimizers`` output that lacks them; what the output
     says explicitly wins.
 
-    Handles the forms that carry schedulers: ``([optimizers], [schedulers])``, a dict with
+    Handles the forms that carry schedulers: ``([optimizers], [schedulers])`` (or one scheduler
+    in the place of that list), a dict with
     ``"lr_scheduler"``, and a list of such dicts. Anything else is returned as it is.
 
     Example:
@@ -427,8 +430,13 @@ def _map_schedulers(optim_conf: Any, change: Callable[[Any, str | None], Any]) -
     if isinstance(optim_conf, dict):
         return optimizer_dict(optim_conf)
     if isinstance(optim_conf, (list, tuple)):
-        if len(optim_conf) == 2 and isinstance(optim_conf[0], list) and isinstance(optim_conf[1], list):
-            pair = [optim_conf[0], [change(s, None) for s in optim_conf[1]]]
+        if len(optim_conf) == 2 and isinstance(optim_conf[0], list):
+            # Lightning takes the second element as a list of schedulers or as one (a scheduler or
+            # an lr_scheduler dict: what darts' configure_optimizers returns).
+            schedulers = optim_conf[1]
+            one = not isinstance(schedulers, list)
+            changed = change(schedulers, None) if one else [change(s, None) for s in schedulers]
+            pair = [optim_conf[0], changed]
             return tuple(pair) if isinstance(optim_conf, tuple) else pair
         if optim_conf and all(isinstance(d, dict) for d in optim_conf):
             dicts = [optimizer_dict(d) for d in optim_conf]

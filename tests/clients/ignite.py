@@ -39,7 +39,7 @@ REQUIREMENTS = ["pytorch-ignite==0.5.5"]
 EXTRAS = ""
 LAUNCHER = "torchrun"
 BASELINE = "synced"
-RESUME = True
+RESUME = "exact"
 TIMEOUT = 180
 
 EPOCHS = 6

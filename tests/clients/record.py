@@ -175,9 +175,11 @@ def replay(settings: Row, initial_lrs: list[float], metrics: list[float]) -> lis
 
 
 def global_mean(step: list[Row]) -> float:
-    """The exact global value of one step: every rank's local metric weighted by its weight."""
-    total = sum(row["weight"] for row in step)
-    return sum(row["metric"] * row["weight"] for row in step) / total
+    """The exact global value of one step: every rank's local metric weighted by its weight (a
+    rank with weight 0 contributes nothing, not even a NaN: the step a resumed Lightning run
+    retakes comes from rank 0 alone)."""
+    rows = [row for row in step if row["weight"] > 0]
+    return sum(row["metric"] * row["weight"] for row in rows) / sum(row["weight"] for row in rows)
 
 
 def check_ours(ranks: Ranks, min_steps: int = 2) -> list[str]:
@@ -206,18 +208,27 @@ def check_ours(ranks: Ranks, min_steps: int = 2) -> list[str]:
     return problems
 
 
-def check_resume(first: Ranks, second: Ranks, whole: Ranks) -> list[str]:
+def check_resume(first: Ranks, second: Ranks, whole: Ranks | None) -> list[str]:
     """What is wrong with a resumed run: the scheduler's state at the first step after the
     resume must be the state after the last step before it, on every rank; the two parts
     together must step as the uninterrupted run ``whole`` did (same global values, same
-    learning rates)."""
+    learning rates), unless ``whole`` is ``None``: a library whose resume does not repeat the
+    uninterrupted run (MACE trains the checkpointed epoch again)."""
     if not first[0] or not second[0]:
         return [f"a part did not step (before the resume: {len(first[0])} steps, after: {len(second[0])})"]
+    # The checkpoint may hold the state of an earlier step than the first part's last: Lightning's
+    # ModelCheckpoint saves at the end of the training epoch, before the epoch's plateau step,
+    # which distplateau's callback keeps as pending and takes right after the resume.
+    kept = second[0][0]["before"]["last_epoch"] - first[0][0]["before"]["last_epoch"]
+    if not 0 < kept <= len(first[0]):
+        return [f"resumed at step {second[0][0]['before']['last_epoch']}, outside the first part's steps"]
     problems = []
     for rank, (a, b) in enumerate(zip(first, second)):
-        if b[0]["before"] != a[-1]["after"]:
-            problems.append(f"rank {rank}: stopped with {a[-1]['after']}, resumed with {b[0]['before']}")
-    joined = [a + b for a, b in zip(first, second)]
+        if b[0]["before"] != a[kept - 1]["after"]:
+            problems.append(f"rank {rank}: checkpointed with {a[kept - 1]['after']}, resumed with {b[0]['before']}")
+    joined = [a[:kept] + b for a, b in zip(first, second)]
+    if whole is None:
+        return problems + check_ours(joined)
     if [row["global"] for row in joined[0]] != [row["global"] for row in whole[0]]:
         problems.append("global values differ from the uninterrupted run's: "
                         f"{[row['global'] for row in joined[0]]} vs {[row['global'] for row in whole[0]]}")

@@ -50,7 +50,7 @@ REQUIREMENTS = ["skorch==1.4.0"]
 EXTRAS = "accelerate"
 LAUNCHER = "torchrun"  # Accelerate reads torchrun's RANK/WORLD_SIZE/MASTER_* and starts gloo with cpu=True
 BASELINE = "diverges"
-RESUME = False  # skorch rebuilds the scheduler at every fit and saves none of its state
+RESUME = ""  # skorch rebuilds the scheduler at every fit and saves none of its state
 TIMEOUT = 240
 
 EPOCHS = 8

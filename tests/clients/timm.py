@@ -58,7 +58,7 @@ REQUIREMENTS = ["timm==1.0.31", "torchvision==0.29.1"]
 EXTRAS = ""
 LAUNCHER = "torchrun"
 BASELINE = "synced"
-RESUME = False
+RESUME = ""
 TIMEOUT = 600
 # torchvision (a timm requirement) has no build for the CPU torch 2.13.0 on disk; the CUDA
 # builds of torch 2.14.1 and torchvision 0.29.1 on disk run on CPU.
