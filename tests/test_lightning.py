@@ -385,6 +385,40 @@ def test_interval_validation_stops_at_the_step_that_decides_it(pl: ModuleType, t
     assert trainer.global_step == 6  # mid-epoch: after 2 of the second epoch's 4 batches
 
 
+@pytest.mark.parametrize("interval", ["epoch", "validation"])
+def test_under_manual_optimization_only_the_module_steps_the_scheduler(pl: ModuleType, tmp_path: Any,
+                                                                       interval: str) -> None:
+    # A module that optimizes by hand steps its schedulers itself (nequip's ConFIG training module
+    # does); Lightning then steps none, and the callback must not step ours either.
+    values = [5.0, 4.0, 4.0, 4.0]
+
+    class Manual(type(scripted_model(pl, values))):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(self.layer(batch[0]).sum() * 0.0)
+            opt.step()
+
+        def on_validation_epoch_end(self) -> None:
+            if not self.trainer.sanity_checking:
+                self.log("val_loss", values[self.runs])
+                self.lr_schedulers().step(values[self.runs])
+                self.runs += 1
+
+    model = Manual()
+    model.configure_optimizers = lambda: {  # type: ignore[method-assign]
+        "optimizer": (opt := torch.optim.SGD(model.parameters(), lr=1.0)),
+        "lr_scheduler": {"scheduler": DistributedReduceLROnPlateau(opt, factor=0.5, patience=0),
+                         "monitor": "val_loss", "interval": interval}}
+    trainer = _fit(pl, model, tmp_path, epochs=4)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert (sched.last_epoch, sched.optimizer.param_groups[0]["lr"]) == (4, _torch_lrs(values)[-1])
+
+
 def test_interval_validation_with_torchs_scheduler_names_ours(pl: ModuleType, tmp_path: Any) -> None:
     model = scripted_model(pl, [5.0], torch.optim.lr_scheduler.ReduceLROnPlateau, interval="validation")
     with pytest.raises(pl.utilities.exceptions.MisconfigurationException,

@@ -48,7 +48,8 @@ class PlateauCallbackBase(_Callback):
     settings or where entry points are not installed, from the module of your package:
     ``distplateau.lightning`` for ``lightning.pytorch``, ``distplateau.pytorch_lightning`` for
     ``pytorch_lightning``. Only the first instance in ``trainer.callbacks`` acts. It does
-    nothing unless a ``DistributedReduceLROnPlateau`` is configured. During ``fit`` it:
+    nothing unless a ``DistributedReduceLROnPlateau`` is configured, nor under manual
+    optimization, where the module steps its schedulers itself. During ``fit`` it:
 
     * counts this rank's validation samples (``extract_batch_size`` of each validation
       batch, sanity check excluded) and sets them as the scheduler's
@@ -140,8 +141,11 @@ class PlateauCallbackBase(_Callback):
                                         lambda: self._take_validation_intervals(attach_monitor(configure()))))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        # The strategy has configured the schedulers by now, and no validation has run.
-        self._active = self._first and any(_ours(c) for c in trainer.lr_scheduler_configs)
+        # The strategy has configured the schedulers by now, and no validation has run. Under manual
+        # optimization the module steps its schedulers itself and Lightning drops their "monitor":
+        # the callback leaves them alone too (nequip's ConFIG module steps its own).
+        self._active = (self._first and pl_module.automatic_optimization
+                        and any(_ours(c) for c in trainer.lr_scheduler_configs))
         if not self._active:
             return
         compat.check(trainer)

@@ -62,7 +62,7 @@ SCHEDULER_KWARGS: dict[str, Any] = {"mode": "min", "factor": 0.5, "patience": 1,
 
 
 def series() -> Any:
-    """8 daily series: even ones a clean sine wave, odd ones the same wave under heavy noise (fixed seed)."""
+    """SERIES daily series: even ones a clean sine wave, odd ones the same wave under heavy noise (fixed seed)."""
     import numpy as np
     import pandas as pd
 
@@ -110,7 +110,7 @@ def model(variant: str) -> Any:
 def main() -> None:
     variant, out = sys.argv[1:3]
     if variant not in ("torch", "ours"):
-        raise SystemExit(f"neuralforecast has no resume variant (RESUME = False); got {variant!r}")
+        raise SystemExit(f"neuralforecast has no resume variant; got {variant!r}")
     from tests.clients import record
 
     record.install(out, variant)
