@@ -18,6 +18,13 @@ Tables it fills:
 * ``design``: the bare collective our design needs (allgather of a 5-float64 record per rank)
   against allreduces carrying the same information (a zero-padded world x 5 matrix) or less
   (a 5-float vector).
+* ``wait`` (Horovod only): our ``step`` with the default bound on its wait
+  (``DISTPLATEAU_HOROVOD_TIMEOUT_S`` unset: the collective started asynchronously and polled)
+  against the same ``step`` with ``DISTPLATEAU_HOROVOD_TIMEOUT_S=0`` (Horovod's own blocking
+  ``allgather``), against 0.2.0's bounded wait (a 1 ms sleep between polls), and against the
+  default's back-off without its first 2 ms of polling.
+
+``--tables`` picks some of them (``bench/horovod_wait.py`` runs ``wait`` alone).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -38,6 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.abtest import Ratio, compare  # noqa: E402
 from distplateau import DistributedReduceLROnPlateau  # noqa: E402
 from distplateau._decide import reduce  # noqa: E402
+from distplateau._gather import MAX_PAUSE_S, TIMEOUT_ENV, HorovodGather, world  # noqa: E402
+
+TABLES = ("step", "alternatives", "design", "wait")
 
 
 class Wire:
@@ -93,7 +104,60 @@ def _optimizer() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
 
-def measure(wire: Wire, blocks: int, iters: int) -> dict[str, list[Ratio]]:
+class _PolledEveryMillisecond(HorovodGather):
+    """0.2.0's bounded wait, for comparison only: poll, sleep 1 ms, poll again."""
+
+    def _wait(self, handle: Any, call: str) -> torch.Tensor:
+        while not self._hvd.poll(handle):
+            time.sleep(0.001)
+        return self._hvd.synchronize(handle)
+
+
+class _SleepingFromTheFirstPoll(HorovodGather):
+    """The default bound's back-off without its first 2 ms of polling, for comparison only."""
+
+    def _wait(self, handle: Any, call: str) -> torch.Tensor:
+        started = time.monotonic()
+        while not self._hvd.poll(handle):
+            time.sleep(min(MAX_PAUSE_S, (time.monotonic() - started) / 20))
+        return self._hvd.synchronize(handle)
+
+
+def _built_with(setting: str | None, metric: float, weight: float) -> DistributedReduceLROnPlateau:
+    """A scheduler whose Horovod adapter was built (by one step, on every rank) with
+    ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` set to ``setting`` (``None``: unset)."""
+    saved = os.environ.pop(TIMEOUT_ENV, None)
+    if setting is not None:
+        os.environ[TIMEOUT_ENV] = setting
+    try:
+        s = DistributedReduceLROnPlateau(_optimizer(), patience=10**9)
+        s.step(metric, weight)
+    finally:
+        os.environ.pop(TIMEOUT_ENV, None)
+        if saved is not None:
+            os.environ[TIMEOUT_ENV] = saved
+    return s
+
+
+def measure_wait(wire: Wire, blocks: int, iters: int) -> list[Ratio]:
+    """Horovod: ``step`` waiting with the default bound vs Horovod's blocking wait vs 0.2.0's."""
+    metric, weight = 0.5 + 0.125 * wire.rank, 100.0 + wire.rank
+    blocking = _built_with("0", metric, weight)
+    bounded = _built_with(None, metric, weight)
+    every_ms = _built_with(None, metric, weight)
+    every_ms._gather, every_ms._gather_world = _PolledEveryMillisecond(), world("horovod")
+    no_spin = _built_with(None, metric, weight)
+    no_spin._gather, no_spin._gather_world = _SleepingFromTheFirstPoll(), world("horovod")
+    assert blocking._gather.timeout is None and bounded._gather.timeout is not None  # type: ignore[union-attr]
+    return compare({"step, DISTPLATEAU_HOROVOD_TIMEOUT_S=0 (Horovod's blocking wait)":
+                    lambda: blocking.step(metric, weight),
+                    "step, default bound (polled 2 ms, then backing off)": lambda: bounded.step(metric, weight),
+                    "step, 0.2.0's bounded wait (1 ms sleep per poll)": lambda: every_ms.step(metric, weight),
+                    "step, backing off from the first poll (no 2 ms of polling)": lambda: no_spin.step(metric, weight)},
+                   "step, DISTPLATEAU_HOROVOD_TIMEOUT_S=0 (Horovod's blocking wait)", blocks=blocks, iters=iters)
+
+
+def measure(wire: Wire, blocks: int, iters: int, tables: tuple[str, ...] = TABLES) -> dict[str, list[Ratio]]:
     rank, size = wire.rank, wire.size
     metric = 0.5 + 0.125 * rank  # different on every rank, as validation losses are
     weight = 100.0 + rank
@@ -153,18 +217,21 @@ def measure(wire: Wire, blocks: int, iters: int) -> dict[str, list[Ratio]]:
         vector.copy_(record)
         wire.allreduce_sum(vector, "bench.vector").tolist()
 
-    result = {
-        "step": compare({"one bare allreduce (1 float64)": bare_allreduce,
-                         "DistributedReduceLROnPlateau.step": our_step,
-                         "allgather of a 5-float64 record (ours)": allgather_record},
-                        "one bare allreduce (1 float64)", blocks=blocks, iters=iters),
-        "alternatives": compare({"DistributedReduceLROnPlateau.step": our_step,
-                                 "seed recipe: allreduce Sum / size + step": seed_recipe,
-                                 "robust: 3 allreduces (value, weight, NaN) + step": robust_three_collectives,
-                                 "all_gather_object + step": all_gather_object},
-                                "DistributedReduceLROnPlateau.step", blocks=blocks, iters=iters),
-    }
-    if size == 2:
+    result = {}
+    if "step" in tables:
+        result["step"] = compare({"one bare allreduce (1 float64)": bare_allreduce,
+                                  "DistributedReduceLROnPlateau.step": our_step,
+                                  "allgather of a 5-float64 record (ours)": allgather_record},
+                                 "one bare allreduce (1 float64)", blocks=blocks, iters=iters)
+    if "alternatives" in tables:
+        result["alternatives"] = compare({"DistributedReduceLROnPlateau.step": our_step,
+                                          "seed recipe: allreduce Sum / size + step": seed_recipe,
+                                          "robust: 3 allreduces (value, weight, NaN) + step": robust_three_collectives,
+                                          "all_gather_object + step": all_gather_object},
+                                         "DistributedReduceLROnPlateau.step", blocks=blocks, iters=iters)
+    if "wait" in tables and wire.backend == "horovod":
+        result["wait"] = measure_wait(wire, blocks, iters)
+    if size == 2 and "design" in tables:
         result["design"] = compare({"allgather of a 5-float64 record (ours)": allgather_record,
                                     "allreduce of a zero-padded world x 5 matrix": allreduce_padded_matrix,
                                     "allreduce of a 5-float64 vector": allreduce_vector},
@@ -178,10 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     wire = Wire(args.backend)
-    result = measure(wire, args.blocks, args.iters)
+    result = measure(wire, args.blocks, args.iters, tuple(args.tables))
     if wire.rank == 0:
         with open(args.out, "w") as f:
             json.dump({name: [r._asdict() for r in ratios] for name, ratios in result.items()}, f, indent=1)

@@ -9,6 +9,7 @@ adapter still fits the job after an elastic reset.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import sys
@@ -28,8 +29,24 @@ BACKENDS: tuple[str, ...] = get_args(Backend)
 
 # The name Horovod shows in its stall warnings when some ranks never reach step().
 HOROVOD_OP_NAME = "distplateau.step"
-# Seconds a Horovod step() may wait for the other ranks; unset: no limit (Horovod's own behaviour).
+#: Seconds a Horovod ``step()`` or ``sync_state()`` may wait for the other ranks; ``0``: no limit.
 TIMEOUT_ENV = "DISTPLATEAU_HOROVOD_TIMEOUT_S"
+#: The limit when :data:`TIMEOUT_ENV` is unset or empty: torch.distributed's default timeout for
+#: gloo, so that a rank left waiting fails after the same time under either backend.
+DEFAULT_TIMEOUT_S = 1800.0
+#: A bounded Horovod wait first polls as ``hvd.synchronize`` does, yielding the CPU between polls,
+#: for ``SPIN_S``: long enough for a collective whose ranks arrive together on an idle machine
+#: (about 1.2 ms on 2 ranks, Horovod's cycle being 1 ms: sleeping from the first poll on made
+#: such a step 1.02-1.05x as long as Horovod's blocking wait, polling for 2 ms first 0.98-0.99x),
+#: and no longer, because a rank that keeps polling takes the CPU from the threads that run the
+#: collective (with 4 ranks on 2 cores, or 2 cores shared with other jobs, Horovod's blocking
+#: wait took 1.4-2.2x as long as this one). Then it sleeps a twentieth of the time waited so far
+#: between polls, at most ``MAX_PAUSE_S``: a wait that ends after w seconds is noticed at most
+#: w/20 or 50 ms late, and a rank waiting minutes for a slow peer wakes 20 times a second instead
+#: of keeping a core busy. 0.2.0's fixed 1 ms sleep per poll made a 2-rank step on an idle
+#: machine 1.36-1.66x as long. Measured with bench/horovod_wait.py (docs/benchmarks.md), 2026-12-06.
+SPIN_S = 0.002
+MAX_PAUSE_S = 0.05
 #: Most bytes ``broadcast`` carries. Every rank must pass a buffer of the same size to a
 #: broadcast, and only the source knows its payload's length, so the payload travels in a
 #: buffer of this fixed size: one collective instead of a length broadcast plus a data
@@ -222,18 +239,25 @@ def _device(group: Any) -> torch.device:
 class HorovodGather:
     """``horovod.torch.allgather`` of one float64 record per rank of a process set.
 
-    Horovod has no timeout for a collective that some rank never joins. If the environment
-    variable ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` is set, the same single allgather is started
-    asynchronously and waited for at most that many seconds, then ``TimeoutError`` is raised
-    instead of hanging forever, naming the causes a rank cannot tell apart.
+    Horovod has no timeout for a collective that some rank never joins. So the same single
+    allgather (a broadcast for ``sync_state``) is started asynchronously and waited for at most
+    ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` seconds, read when the adapter is built (at the first
+    step, and again after an elastic reset); unset or empty: :data:`DEFAULT_TIMEOUT_S`, the
+    30 minutes torch.distributed gives gloo; ``0``: no limit (Horovod's own blocking wait). Past
+    the limit it raises ``TimeoutError`` naming the causes a rank cannot tell apart.
+
+    Raises:
+        ValueError: ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` is not a number of seconds >= 0. Raised
+            before the collective, so a rank that raises it leaves no collective behind; every
+            rank reads the same environment as a rule, so every rank raises it at the same step.
     """
 
     def __init__(self, process_set: Any = None) -> None:
         import horovod.torch as hvd
 
         self._hvd = hvd
-        timeout = os.environ.get(TIMEOUT_ENV, "")
-        self._timeout = float(timeout) if timeout else None
+        #: seconds a collective may wait, or ``None``: no limit
+        self.timeout, self._limit = _horovod_timeout(hvd.rank())
         self._process_set = hvd.global_process_set if process_set is None else process_set
         if not self._process_set.included():
             raise ValueError(
@@ -247,7 +271,7 @@ class HorovodGather:
 
     def __call__(self, record: Sequence[float]) -> Sequence[Sequence[float]]:
         local = torch.tensor([record], dtype=torch.float64)
-        if self._timeout is None:
+        if self.timeout is None:
             table = self._hvd.allgather(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
             return table.tolist()
         handle = self._hvd.allgather_async(local, name=HOROVOD_OP_NAME, process_set=self._process_set)
@@ -260,18 +284,43 @@ class HorovodGather:
         return _unframe(self._wait(handle, "sync_state()").numpy().tobytes())
 
     def _wait(self, handle: Any, call: str) -> torch.Tensor:
-        if self._timeout is None:
+        if self.timeout is None:
             return self._hvd.synchronize(handle)
         started = time.monotonic()
+        # A peer that dies (an elastic reset) completes the handle with an error: poll() turns
+        # True and synchronize() raises Horovod's HorovodInternalError, as without a limit.
         while not self._hvd.poll(handle):
-            if time.monotonic() - started > self._timeout:
+            waited = time.monotonic() - started
+            if waited > self.timeout:
                 members = self._process_set
                 group = (f"the global process set ({self.size} ranks)" if members.process_set_id == 0
                          else f"Horovod process set {members.process_set_id} ({ranks_text(self.ranks)})")
-                raise _timed_out(call, f"Horovod rank {self._hvd.rank()}", time.monotonic() - started, group,
-                                 f"{TIMEOUT_ENV}={self._timeout:g}", TIMEOUT_ENV)
-            time.sleep(0.001)
+                raise _timed_out(call, f"Horovod rank {self._hvd.rank()}", waited, group, self._limit,
+                                 f"{TIMEOUT_ENV} (seconds; 0 waits forever)")
+            if waited < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(min(MAX_PAUSE_S, waited / 20))
         return self._hvd.synchronize(handle)
+
+
+def _horovod_timeout(rank: int) -> tuple[float | None, str]:
+    """:data:`TIMEOUT_ENV` read from this process's environment: the limit in seconds (``None``:
+    no limit) and how the timeout message names it."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S, f"the default limit, {TIMEOUT_ENV} unset"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(
+            f"{TIMEOUT_ENV}={text!r} on Horovod rank {rank} is not a number of seconds >= 0: set it to the "
+            f"longest a step() may wait for the other ranks, to 0 to wait forever, or unset it for the "
+            f"default of {DEFAULT_TIMEOUT_S:g} seconds"
+        )
+    return (None, "") if seconds == 0 else (seconds, f"{TIMEOUT_ENV}={text}")
 
 
 def _horovod_initialized() -> bool:

@@ -423,7 +423,7 @@ class Fault:
     kind: str  # link-down, link-flap, loss, rate, delay, freeze, freeze-thaw
     backend: str
     torch_timeout_s: float = 10.0
-    horovod_timeout_s: float | None = 10.0  # DISTPLATEAU_HOROVOD_TIMEOUT_S; None: unset
+    horovod_timeout_s: float | None = 10.0  # DISTPLATEAU_HOROVOD_TIMEOUT_S; None: unset (the default, 30 min)
     # horovodrun runs with its default --gloo-timeout-seconds (30 s), what a user gets
     amount: float = 0.0  # loss fraction, kbit/s, delay ms, or seconds of a flap / freeze
     expect_error: bool = True

@@ -37,13 +37,20 @@ FAULTS = HERE / "fault_worker.py"
 TORCH_TIMEOUT_S = 10.0
 #: The library's own bound on a Horovod step() (``distplateau._gather.TIMEOUT_ENV``) where a test sets it.
 HOROVOD_TIMEOUT = {"DISTPLATEAU_HOROVOD_TIMEOUT_S": "5"}
+#: No bound: Horovod's own blocking wait.
+HOROVOD_NO_LIMIT = {"DISTPLATEAU_HOROVOD_TIMEOUT_S": "0"}
+#: The variable unset and its default (30 minutes) forced to 5 s in the fault worker, so that a
+#: launch shows the default at work within its wall time.
+HOROVOD_SHORT_DEFAULT = {"RELIABILITY_HOROVOD_DEFAULT_S": "5"}
 
 
 def launch(backend: str, world: int, args: list[str], timeout: float, env: dict[str, str] | None = None
            ) -> tuple[int | None, str, float]:
     """(exit code or None on timeout, output, wall seconds) of one launch."""
     start = time.monotonic()
-    env = {"RELIABILITY_TIMEOUT_S": str(TORCH_TIMEOUT_S), "PYTHONUNBUFFERED": "1", **(env or {})}
+    # DISTPLATEAU_HOROVOD_TIMEOUT_S empty means unset (the default) whatever the shell exported.
+    env = {"RELIABILITY_TIMEOUT_S": str(TORCH_TIMEOUT_S), "PYTHONUNBUFFERED": "1", "DISTPLATEAU_HOROVOD_TIMEOUT_S": "",
+           **(env or {})}
     try:
         if backend == "horovod":
             proc = run_horovod(world, args, timeout, env=env)
@@ -75,6 +82,8 @@ class Result:
     fault_problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)  #: rank -> "Type: message" of its error, where it had one
+    #: Horovod: each rank's limit on its step's wait, in seconds (None: no limit)
+    limits: list[float | None] = field(default_factory=list)
 
 
 # --- equivalence + faults (c) and (e) -------------------------------------------------------
@@ -157,9 +166,10 @@ def skip(backend: str, world: int, tmp: Path, then: str, timeout: float = 120,
     """Rank 1 skips one ``step``; ``then`` is what it does after the loop: ``"exit"`` (its
     training ends) or ``"sync"`` (it enters the next training collective). Measures how
     the other ranks' one extra ``step`` ends."""
-    result = Result(f"skipped step ({then}) {backend} x{world}" + "".join(f", {k}={v}" for k, v in (env or {}).items()
-                                                                        if k.startswith("DISTPLATEAU")), faults=1)
-    out = tmp / f"skip-{then}-{backend}-{world}{'-env' if env else ''}"
+    shown = {k: v for k, v in (env or {}).items() if k.startswith(("DISTPLATEAU", "RELIABILITY_HOROVOD"))}
+    result = Result(f"skipped step ({then}) {backend} x{world}" + "".join(f", {k}={v}" for k, v in shown.items()),
+                    faults=1)
+    out = tmp / (f"skip-{then}-{backend}-{world}" + "".join(f"-{k}{v}" for k, v in sorted((env or {}).items())))
     code, log, result.wall_s = launch(backend, world, [str(FAULTS), backend, f"skip-{then}", str(out)], timeout, env)
     ranks = rank_files(out, world)
     if any(r is None for r in ranks):
@@ -171,6 +181,8 @@ def skip(backend: str, world: int, tmp: Path, then: str, timeout: float = 120,
     if any(s[:shortest] != sequences[0][:shortest] for s in sequences):
         result.problems.append(f"ranks took different decisions: {sequences}")
     stuck_since = ranks[1].get("entered")
+    if backend == "horovod":
+        result.limits = [r.get("limit_s") for r in ranks]
     if code is None:
         result.problems.append(f"hang: the launch did not end within {timeout}s")
         result.longest_error_s = math.inf

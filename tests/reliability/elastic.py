@@ -110,6 +110,8 @@ class Elastic:
     world_sizes: list[int] = field(default_factory=list)
     mismatches: int = 0
     recoveries: list[tuple[str, float]] = field(default_factory=list)
+    #: how each step() a peer's death interrupted ended: (error, seconds from entering it)
+    step_errors: list[tuple[str, float]] = field(default_factory=list)
     wall_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -162,18 +164,24 @@ def _first_step_at(records: list[dict[str, Any]], since: float, size: int) -> fl
 
 # --- Horovod elastic ---------------------------------------------------------------------------
 #: The CI-sized plan: 2 -> 1 (a host removed) -> 2 (added back) -> SIGKILL of a worker right
-#: after its step() -> 1 -> 2 (the blacklisted host returns). Each phase: run ``after`` epochs
-#: at its start size, then act, then wait (training on) until the world has ``size`` ranks.
+#: after its step() -> 1 -> 2 (the blacklisted host returns) -> SIGKILL of a worker while the
+#: other waits in step() (``in_step``: the survivor must get Horovod's HorovodInternalError
+#: there, as without a limit on the wait) -> 1, where the run ends before the host returns. Each
+#: phase: run ``after`` epochs at its start size, then act, then wait (training on) until the
+#: world has ``size`` ranks.
 CI_PLAN: list[dict[str, Any]] = [
     {"after": 2, "hosts": ["localhost:1"], "size": 1},
     {"after": 2, "hosts": ["localhost:1", "127.0.0.1:1"], "size": 2},
     {"after": 1, "kill": "last", "where": "after_step", "size": 1},
     {"after": 0, "size": 2},
+    {"after": 0, "kill": "last", "where": "in_step", "size": 1},
 ]
-#: The plan of ``bash dev.sh reliability``: the CI plan, then rank 0 killed mid-batches and
-#: after its step, the other host removed and added, and the last rank killed mid-batches.
+#: The plan of ``bash dev.sh reliability``: the CI plan and back to 2 ranks, then rank 0 killed
+#: mid-batches and after its step, the other host removed and added, and the last rank killed
+#: mid-batches.
 LONG_PLAN: list[dict[str, Any]] = [
     *CI_PLAN,
+    {"after": 0, "size": 2},
     {"after": 1, "kill": "first", "where": "mid_batches", "size": 1},
     {"after": 0, "size": 2},
     {"after": 1, "kill": "first", "where": "after_step", "size": 1},
@@ -207,7 +215,9 @@ def horovod(tmp: Path, plan: list[dict[str, Any]], *, tail: int = 3, timeout: fl
            "--network-interfaces", "lo", "--blacklist-cooldown-range", *map(str, COOLDOWN),
            "--gloo-timeout-seconds", "30", sys.executable, str(HOROVOD_WORKER), str(out)]
     start = time.monotonic()
-    log = _launch(cmd, timeout, {"HOROVOD_ELASTIC_TIMEOUT": "60", "PYTHONUNBUFFERED": "1"}, result)
+    # DISTPLATEAU_HOROVOD_TIMEOUT_S empty: the default bound, which the workers check, whatever the shell exported.
+    log = _launch(cmd, timeout, {"HOROVOD_ELASTIC_TIMEOUT": "60", "PYTHONUNBUFFERED": "1",
+                                 "DISTPLATEAU_HOROVOD_TIMEOUT_S": ""}, result)
     result.wall_s = time.monotonic() - start
     records = read_records(out)
     entries = [r for r in records if r["kind"] == "enter" and r["rank"] == 0]
@@ -222,8 +232,15 @@ def horovod(tmp: Path, plan: list[dict[str, Any]], *, tail: int = 3, timeout: fl
             result.killed += 1
             _recovered(result, f"SIGKILL {r['where'].replace('_', ' ')}, 2 -> 1", r["time"],
                        _first_step_at(records, r["time"], 1))
-            _recovered(result, f"blacklisted host back, 1 -> 2 (from the kill; {COOLDOWN[1]} s cooldown)", r["time"],
-                       _first_step_at(records, r["time"], 2))
+            if r["where"] == "in_step":  # the survivor's step() ends as it would without a limit
+                ended = next((e for e in records if e["kind"] == "step_error" and e["time"] > r["time"]), None)
+                if ended is None or ended["error"] != "HorovodInternalError":
+                    result.problems.append(f"SIGKILL while a rank waits in step(): its step() ended with {ended}")
+                else:
+                    result.step_errors.append((ended["error"], ended["waited"]))
+            if r["phase"] + 1 < len(plan):  # the plan's last kill ends the run at 1 rank
+                _recovered(result, f"blacklisted host back, 1 -> 2 (from the kill; {COOLDOWN[1]} s cooldown)",
+                           r["time"], _first_step_at(records, r["time"], 2))
     compare_with_reference(records, result)
     if not any(r["kind"] == "done" for r in records):
         result.problems.append(f"no rank finished the plan:\n{log[-4000:]}")

@@ -12,8 +12,9 @@ Checked here, on every rank, and recorded as ``mismatch`` when they fail: after 
 into the training function, ``state.scheduler`` is the live scheduler, its optimizer is the live
 optimizer, and every rank holds the same scheduler state and learning rates; in every batch,
 the optimizer's learning rates are the scheduler's; after every step, the gather adapter has
-the current world's size and every rank agrees. Each committed epoch is recorded for the
-reference comparison.
+the current world's size and the default limit on its wait (``DISTPLATEAU_HOROVOD_TIMEOUT_S``
+unset), and every rank agrees. Each committed epoch is recorded for the reference comparison,
+and a ``step()`` that raises (a peer killed while this rank waits in it) as ``step_error``.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from tests.reliability.elastic import KWARGS, LR0, Recorder, scheduler_state, sh
 
 EPOCH_SLEEP_S = 0.05  # an epoch of this toy model takes ~10 ms; resets wait for Horovod's 1 s discovery
 BATCHES = 4
+IN_STEP_S = 0.3  # a worker killed "in_step" dies this long after the others entered their step()
 
 
 def main(argv: list[str] | None = None) -> None:
     import horovod.torch as hvd
 
-    from distplateau import DistributedReduceLROnPlateau
+    from distplateau import DistributedReduceLROnPlateau, _gather
 
     out = (sys.argv[1:] if argv is None else argv)[0]
     plan = json.loads(open(os.path.join(out, "plan.json")).read())
@@ -93,13 +95,24 @@ def main(argv: list[str] | None = None) -> None:
                 torch.nn.functional.mse_loss(model(x[rows]).squeeze(1), y[rows]).backward()
                 optimizer.step()
             metric, weight = shard_metric(epoch, hvd.rank(), size)
-            scheduler.step(metric, weight=weight)
+            if kill_now and phase["where"] == "in_step":
+                time.sleep(IN_STEP_S)  # the other rank waits in step() meanwhile, past its first polls
+                _kill(out, state.phase, record, phase["where"])
+            entered = time.time()
+            try:
+                scheduler.step(metric, weight=weight)
+            except Exception as err:  # HorovodInternalError when a peer dies: hvd.elastic.run resets
+                record("step_error", epoch=epoch, rank=hvd.rank(), size=size, error=type(err).__name__,
+                       waited=time.time() - entered)
+                raise
             record("step", epoch=epoch, rank=hvd.rank(), size=size)
             if kill_now and phase["where"] == "after_step":
                 _kill(out, state.phase, record, phase["where"])
             gather = scheduler._gather
             if gather is None or gather.size != size:
                 mismatch(f"epoch {epoch}: gather adapter of size {gather and gather.size} in a world of {size}")
+            elif size > 1 and getattr(gather, "timeout", None) != _gather.DEFAULT_TIMEOUT_S:
+                mismatch(f"epoch {epoch}: the adapter's limit is {getattr(gather, 'timeout', None)}, not the default")
             same_on_every_rank(f"epoch {epoch}")
             time.sleep(EPOCH_SLEEP_S)
             state.epoch = epoch + 1
@@ -137,7 +150,7 @@ def _write_hosts(out: str, hosts: list[str], record: Recorder) -> None:
 
 def _kill(out: str, phase: int, record: Recorder, where: str) -> None:
     open(os.path.join(out, f"killed-{phase}"), "w").close()
-    record("kill", where=where)
+    record("kill", where=where, phase=phase)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -7,7 +7,8 @@
 - ``skip-exit`` / ``skip-sync``: rank 1 does not call ``step`` at epoch ``SKIP_AT``, then
   carries on; after the loop it ends its training (``exit``) or, like every rank, enters one
   more collective (``sync``: a 1-float sum, as a training loop's next gradient allreduce
-  would). Each rank records its states and how its last operation ended.
+  would). Each rank records its states, the limit on its Horovod adapter's wait and how its
+  last operation ended.
 - ``save``: run the first half of a schedule, then rank 0 saves scheduler and optimizer state.
 - ``resume CKPT``: load that checkpoint (``weights_only=True``) on every rank and run the rest.
 
@@ -39,6 +40,8 @@ from tests.reliability.cases import (
 )
 
 KILL_AT, SKIP_AT, STEPS = 5, 3, 8
+#: Seconds that replace ``distplateau._gather.DEFAULT_TIMEOUT_S`` in this launch, if set.
+FORCED_DEFAULT_ENV = "RELIABILITY_HOROVOD_DEFAULT_S"
 
 # Set by main(): the command line and this rank's place in the backend, read by the faults below.
 BACKEND, FAULT, OUT = "none", "", ""
@@ -53,9 +56,15 @@ def init_backend(backend: str) -> None:
     if backend == "horovod":
         import horovod.torch
 
+        from distplateau import _gather
+
         hvd = horovod.torch
         hvd.init()
         RANK, SIZE = hvd.rank(), hvd.size()
+        # A launch cannot wait for the default bound of a Horovod step (30 minutes): it may force
+        # a short one, which applies exactly as the real one does when the variable is unset.
+        if os.environ.get(FORCED_DEFAULT_ENV):
+            _gather.DEFAULT_TIMEOUT_S = float(os.environ[FORCED_DEFAULT_ENV])
     elif backend == "torch":
         timeout_s = float(os.environ.get("RELIABILITY_TIMEOUT_S", "30"))
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
@@ -73,10 +82,12 @@ def failed(err: BaseException, where: str) -> None:
     RECORD.update(error=type(err).__name__, message=str(err)[:2000], error_at=time.time(), where=where)
     write()
     sys.stdout.flush()
-    if BACKEND == "horovod":
-        # horovodrun terminates every rank once one exits non-zero (horovod/runner/gloo_run.py,
-        # 0.28.1): stay a moment, so that a peer whose timeout ends a few ms later reports too.
-        time.sleep(1.0)
+    # Stay a moment, so that a peer whose timeout ends a few ms later reports its own error, not
+    # this process's exit: horovodrun terminates every rank once one exits non-zero
+    # (horovod/runner/gloo_run.py, 0.28.1), and under torch.distributed the exit closes the
+    # connections (a skipped step's rank 1, whose collective started first, timed out 10 ms
+    # before the ranks in step(), which then read "Connection closed by peer": seen once, 2026-12-06).
+    time.sleep(1.0)
     os._exit(17)
 
 
@@ -127,6 +138,8 @@ def skip(then: str) -> None:
         except Exception as err:
             failed(err, f"step {t}")
         RECORD["states"].append([t, snapshot(s), s.last_global_metric])
+        if BACKEND == "horovod":
+            RECORD["limit_s"] = getattr(s._gather, "timeout", "no Horovod adapter")
         write()
     RECORD["entered"] = time.time()
     write()

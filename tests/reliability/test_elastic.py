@@ -1,7 +1,8 @@
 """Elastic training on real processes (see ``tests/reliability/elastic.py``): Horovod elastic
-through 2 -> 1 -> 2 ranks and a SIGKILL, torchrun restarts after a SIGKILL and a resume at
-another world size. Every committed epoch must match torch's own ``ReduceLROnPlateau`` fed the
-same metrics without interruption; ``bash dev.sh reliability`` runs longer plans.
+through 2 -> 1 -> 2 ranks and two SIGKILLs (one while the other rank waits in ``step()``),
+torchrun restarts after a SIGKILL and a resume at another world size. Every committed epoch must
+match torch's own ``ReduceLROnPlateau`` fed the same metrics without interruption; ``bash dev.sh
+reliability`` runs longer plans.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def test_horovod_elastic_keeps_the_live_scheduler_in_step_through_resets_and_a_s
     result = elastic.horovod(tmp_path, elastic.CI_PLAN, timeout=180)
     ELASTIC.append(result)
     assert not result.problems, "\n".join(result.problems[:10])
-    assert result.world_sizes == [2, 1, 2, 1, 2] and result.killed == 1 and result.mismatches == 0
+    assert result.world_sizes == [2, 1, 2, 1, 2, 1] and result.killed == 2 and result.mismatches == 0
+    assert [error for error, _ in result.step_errors] == ["HorovodInternalError"], result.step_errors
 
 
 @pytest.mark.timeout(240)
