@@ -2,9 +2,12 @@
 
 Prints Markdown tables (the ones in ``docs/benchmarks.md``): the single-process hot path,
 the import cost, and, on 2, 3 and 4 real ranks under horovodrun and torch.distributed gloo,
-our ``step`` against one bare collective and against the alternatives a user could write;
-and, on 2 ranks, the epoch time of one model under ``Trainer(strategy="horovod")``, a raw
-Horovod loop and ``Trainer(strategy="ddp")`` (``bench/strategy.py``).
+our ``step`` against one bare collective and against the alternatives a user could write,
+and under horovodrun our ``step`` with the default bound on its wait against Horovod's blocking
+wait (``bench/horovod_wait.py``); and, on 2 ranks, the epoch time of one model under
+``Trainer(strategy="horovod")``, a raw Horovod loop and ``Trainer(strategy="ddp")``
+(``bench/strategy.py``); and the cost of a call of ``step`` with ``accumulation_size=100``
+against 1, with the collectives counted (``bench/window.py``).
 Each multi-rank run is launched here with a hard timeout; a run that fails or hangs is
 reported in the tables and makes the exit status 1, it never stalls the command.
 """
@@ -25,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bench import import_cost, local_step, strategy  # noqa: E402
+from bench import horovod_wait, import_cost, local_step, strategy, window  # noqa: E402
 from bench.abtest import format_table  # noqa: E402
 from harness.launch import horovodrun_available, launch_json, run_horovod, run_torch  # noqa: E402
 
@@ -100,6 +103,7 @@ def main() -> None:
             runs.append((backend, 2, {"HOROVOD_CYCLE_TIME": "0.1"}))
     failed = False
     step_rows, alt_rows, design_rows = [], [], []
+    waits: dict[int, list[dict[str, float | str]] | str] = {}
     for backend, size, env in runs:
         label = backend + (f", HOROVOD_CYCLE_TIME={env['HOROVOD_CYCLE_TIME']}" if env else "")
         t0 = time.monotonic()
@@ -117,6 +121,8 @@ def main() -> None:
         for r in result["alternatives"][1:]:
             alt_rows.append([label, str(size), str(r["name"]), f"{r['us_per_call']:.0f}",
                              f"**{r['median']:.2f}x**", f"{r['low']:.2f}-{r['high']:.2f}", _note(size)])
+        if backend == "horovod" and not env:
+            waits[size] = list(result["wait"])
         for r in result.get("design", []):
             design_rows.append([label, str(size), str(r["name"]), f"{r['us_per_call']:.0f}",
                                 f"{r['median']:.2f}x", f"{r['low']:.2f}-{r['high']:.2f}"])
@@ -134,6 +140,15 @@ def main() -> None:
         emit("Design: the bare collective, allgather of the record vs allreduce of the same information",
              format_table(["backend", "ranks", "collective", "us per call", "time / allgather (median)",
                            "min-max"], design_rows))
+    if waits:
+        emit(f"Horovod: our step with the default bound on its wait vs Horovod's blocking wait (target: at most "
+             f"{horovod_wait.TARGET:.2f}x)", horovod_wait.table(waits))
+    t0 = time.monotonic()
+    windows = window.measure(args.backends, [size for size in args.sizes if size in (2, 4)] or [2], blocks=10,
+                             timeout=args.timeout)
+    print(f"(windows: {time.monotonic() - t0:.0f} s)", flush=True)
+    failed |= any(isinstance(result, str) for _, _, result in windows)
+    emit("Windows: accumulation_size=1 vs 100, per call of step", window.table(windows, CORES))
     if "horovod" in args.backends and strategy.available():
         t0 = time.monotonic()
         costs = strategy.measure(args.strategy_blocks, args.timeout)

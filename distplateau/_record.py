@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Missing", "Problem", "Record", "make_record"]
+__all__ = ["Missing", "Problem", "Record", "Window", "make_record"]
 
 
 class Problem(IntEnum):
@@ -110,3 +110,50 @@ def make_record(metrics: Any, weight: Any, fingerprint: float) -> Record:
             elif w < 0:
                 weight_problem = Problem.WEIGHT_NEGATIVE
     return Record(value, w, float(metric_problem), float(weight_problem), fingerprint)
+
+
+class Window(NamedTuple):
+    """This rank's share of an unfinished window (``accumulation_size`` > 1): what its calls
+    added, kept locally with no collective, until the window's last call sends it as one
+    :class:`Record` (:meth:`record`). Immutable: :meth:`add` returns the next window, so that
+    a copied scheduler never shares its sums with the original.
+
+    A call with weight 0 contributes nothing, not even its NaN, as in a step.
+    """
+
+    total: float = 0.0  #: sum of value * weight over the finite calls
+    weight: float = 0.0  #: sum of the weights of every call with a finite or non-finite value
+    finite_weight: float = 0.0  #: sum of the weights of the finite calls
+    nonfinite: bool = False  #: a call with a positive weight had a NaN or +/-Inf value
+    problem: Record | None = None  #: the first call with an unusable metric or weight
+    missing: Record | None = None  #: the last call without the metric (Lightning's ``Missing`` weight)
+
+    def add(self, record: Record) -> Window:
+        """The window after one more call, given that call's record (from :func:`make_record`)."""
+        if record.metric_problem in (Problem.METRIC_MISSING, Problem.METRIC_MISSING_STRICT):
+            return self._replace(missing=record)
+        if record.metric_problem or record.weight_problem:
+            return self if self.problem is not None else self._replace(problem=record)
+        value, weight = record.value, record.weight
+        if weight == 0:
+            return self
+        if not math.isfinite(value):
+            return self._replace(weight=self.weight + weight, nonfinite=True)
+        return self._replace(total=self.total + value * weight, weight=self.weight + weight,
+                             finite_weight=self.finite_weight + weight)
+
+    def record(self, fingerprint: float) -> Record:
+        """The window as one record: this rank's weighted mean over its calls and their total
+        weight, so that the ranks' weighted mean is the mean over every call of every rank. A
+        NaN if one of its calls was not finite (the NaN policy then acts on the whole window of
+        this rank); the first unusable input, if any, so that every rank raises its error; a
+        ``Missing`` record if no call had the metric."""
+        if self.problem is not None:
+            return self.problem._replace(fingerprint=fingerprint)
+        if self.weight == 0 and self.missing is not None:
+            return self.missing._replace(fingerprint=fingerprint)
+        if self.nonfinite:
+            value = math.nan
+        else:
+            value = self.total / self.finite_weight if self.finite_weight else 0.0
+        return Record(value, self.weight, float(Problem.OK), float(Problem.OK), fingerprint)

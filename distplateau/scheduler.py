@@ -19,7 +19,7 @@ from ._accelerate import PREPARED_MARK, refuse_wrapper
 from ._decide import NAN_POLICIES, REDUCTIONS, NanPolicy, Reduction, decide
 from ._gather import BACKENDS, BROADCAST_BYTES, Backend, Gather, resolve, select, world
 from ._messages import check_choice, ranks_text
-from ._record import make_record
+from ._record import Window, make_record
 from .elastic import register_horovod_handler
 
 __all__ = ["DistributedReduceLROnPlateau"]
@@ -69,6 +69,17 @@ _NOT_IN_THIS_TORCH: Any = _NotInThisTorch()
 # torch's default, and hands it on only where the parent has it.
 _PARENT_VERBOSE = inspect.signature(ReduceLROnPlateau.__init__).parameters.get("verbose")
 _VERBOSE_DEFAULT: Any = _NOT_IN_THIS_TORCH if _PARENT_VERBOSE is None else _PARENT_VERBOSE.default
+
+
+def _check_smoothing(smoothing_factor: Any, accumulation_size: Any) -> None:
+    """Refuse settings of ``smoothing_factor`` and ``accumulation_size`` that mean nothing."""
+    if isinstance(smoothing_factor, bool) or not isinstance(smoothing_factor, (int, float)) or not (
+            0 <= smoothing_factor < 1):
+        raise ValueError(f"smoothing_factor must be a number in [0, 1) (the weight of the previous average; "
+                         f"0: no smoothing); got {smoothing_factor!r}")
+    if isinstance(accumulation_size, bool) or not isinstance(accumulation_size, int) or accumulation_size < 1:
+        raise ValueError(f"accumulation_size must be a whole number of calls >= 1 (1: every call is a step); "
+                         f"got {accumulation_size!r}")
 
 
 def _no_metric_message(rank: int) -> str:
@@ -151,10 +162,39 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             ``last_epoch`` counts every step. Default: 0.
         warmup_start_factor (float): the learning rates' factor at construction, when
             ``warmup`` > 0; 1.0 holds the plateau logic off without a ramp. Default: 0.1.
+        smoothing_factor (float): smooth the metric before the plateau test, as schnetpack's
+            ``ReduceLROnPlateau`` does (its name, its formula): the first value starts an
+            exponential moving average, then ``average = s * average + (1 - s) * value``, and
+            the parent steps on the average, so ``best``, ``threshold``, ``patience``,
+            ``cooldown`` and ``stop_patience`` all act on it. What is smoothed is the gathered
+            global value, after the reduction and the NaN policy: the average is the same on
+            every rank. A global value that is not finite (NaN: a bad epoch forced by the NaN
+            policy) is stepped on as it is and leaves the average as it was; warmup steps do not
+            enter it (the first step after warmup starts it). In [0, 1); 0: no smoothing.
+            Default: 0.0.
+        accumulation_size (int): step on the mean over windows of this many calls, as optax's
+            ``contrib.reduce_on_plateau`` does (its name): for a metric fed at every training
+            step. A call inside a window only adds ``metric * weight`` and ``weight`` to this
+            rank's own sums, with no collective; the window's last call gathers once and steps
+            on the exact global mean over every call of every rank (``"sum"``, ``"min"``,
+            ``"max"``: each rank's weighted mean over its calls, reduced over the ranks).
+            Patience, cooldown, warmup, ``stop_patience``, smoothing and :attr:`last_epoch`
+            count windows. A rank whose window had a NaN or Inf metric (with a positive weight)
+            counts as one whose metric is not finite, for the NaN policy, at the window's last
+            call; an unusable metric or weight raises there, on every rank, and that window is
+            dropped. :meth:`load_state_dict` drops the sums of an unfinished window; the window
+            still ends at the same call. Default: 1.
 
     Attributes:
-        last_global_metric (float or None): the value the parent's ``step`` saw last
-            (NaN for a bad epoch forced by the NaN policy), for logging.
+        last_global_metric (float or None): the global value of the latest step, after the
+            reduction and the NaN policy (NaN for a bad epoch forced by the NaN policy; with
+            ``accumulation_size``, the window's mean), for logging. Without smoothing, the value
+            the parent's ``step`` saw.
+        last_smoothed_metric (float or None): the moving average of ``smoothing_factor``, the
+            value the parent's ``step`` saw last (the last finite global value after warmup when
+            ``smoothing_factor`` is 0). ``None`` before the first step after warmup.
+        window_calls (int): the calls in the unfinished window, the same on every rank; 0 when
+            ``accumulation_size`` is 1.
         steps_since_best (int): steps since ``best`` last improved (warmup excluded); what
             ``stop_patience`` counts.
         default_weight (float or None): this rank's weight when :meth:`step` is called
@@ -180,7 +220,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
     # variable of __dict__ but the optimizer, and a scheduler rebuilt from a state dict must
     # equal the original there. The gather adapter, and the world it was built for, belong
     # to this process: pickle and copies leave them out (__getstate__).
-    __slots__ = ("backend", "default_weight", "_process_set", "_group", "_gather", "_gather_world")
+    __slots__ = ("backend", "default_weight", "_process_set", "_group", "_gather", "_gather_world", "_window")
     # Accelerator.prepare() returns a scheduler with this mark unwrapped: its AcceleratedScheduler
     # would repeat each step once per process, or skip it (distplateau/_accelerate.py).
     _is_accelerate_prepared = True
@@ -209,6 +249,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         stop_patience: int | None = None,
         warmup: int = 0,
         warmup_start_factor: float = 0.1,
+        smoothing_factor: float = 0.0,
+        accumulation_size: int = 1,
     ) -> None:
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("nan_policy", nan_policy, NAN_POLICIES)
@@ -227,6 +269,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             raise ValueError(f"warmup must be a whole number of steps >= 0; got {warmup!r}")
         if not 0 < warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must be in (0, 1]; got {warmup_start_factor!r}")
+        _check_smoothing(smoothing_factor, accumulation_size)
         if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
             raise ValueError(f"last_epoch must be a whole number >= -1 (-1: a fresh run); got {last_epoch!r}")
         parent_args: tuple[Any, ...] = (mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps)
@@ -259,6 +302,11 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         self.warmup_start_factor = warmup_start_factor
         # The learning rates that warmup climbs to, saved with the state for a resumed run.
         self.warmup_lrs = [float(group["lr"]) for group in optimizer.param_groups] if warmup else []
+        self.smoothing_factor = float(smoothing_factor)
+        self.last_smoothed_metric: float | None = None
+        self.accumulation_size = accumulation_size
+        self.window_calls = 0  # calls in the unfinished window: the same on every rank
+        self._window = Window()  # this rank's sums over those calls: its own, never saved
         if warmup:
             self._set_warmup_lrs()
 
@@ -287,9 +335,12 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             RuntimeError: on every rank, if the ranks' scheduler states differ.
             FloatingPointError: on every rank, with ``nan_policy="raise"``.
             TimeoutError: on a rank that waited for the others longer than the process group's
-                timeout (torch.distributed) or ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` (Horovod); the
-                message names the causes it cannot tell apart (a skipped or repeated call, a
-                dead or frozen rank, a failed network), the wait and the group.
+                timeout (torch.distributed) or ``DISTPLATEAU_HOROVOD_TIMEOUT_S`` (Horovod; 30
+                minutes when unset, as gloo's default, ``0``: no limit); the message names the
+                causes it cannot tell apart (a skipped or repeated call, a dead or frozen rank,
+                a failed network), the wait and the group.
+            ValueError: under Horovod, at the first step, if ``DISTPLATEAU_HOROVOD_TIMEOUT_S``
+                is not a number of seconds >= 0 (raised before the collective).
         """
         refuse_wrapper()
         gather = self._adapter()
@@ -300,10 +351,22 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             raise RuntimeError(_no_metric_message(gather.ranks[gather.index]))
         if weight is None:
             weight = self.default_weight
+        if self.accumulation_size > 1:
+            # A window: a call adds this rank's value and weight to its own sums, with no
+            # collective; the window's last call, the same one on every rank, gathers them.
+            self._window = self._window.add(make_record(metrics, weight, 0.0))
+            self.window_calls += 1
+            if self.window_calls < self.accumulation_size:
+                return
         # One rank has no other state to compare with: its fingerprint is not computed.
         fingerprint = self.fingerprint() if gather.size > 1 else 0.0
-        # 1. this rank's record: never raises, a bad input travels as a problem code;
-        record = make_record(metrics, weight, fingerprint)
+        # 1. this rank's record, of this call or of the window it ends: never raises, a bad
+        #    input travels as a problem code;
+        if self.accumulation_size > 1:
+            record = self._window.record(fingerprint)
+            self._window, self.window_calls = Window(), 0  # the window is over, whatever the ranks decide
+        else:
+            record = make_record(metrics, weight, fingerprint)
         # 2. every rank's record, in the one collective of the step;
         table = gather(record)
         # 3. the same decision on every rank: the same error, or the same value, or nothing.
@@ -332,8 +395,20 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             self._set_warmup_lrs()
             return
         best = self.best
-        super().step(value, epoch)
+        super().step(self._smooth(value), epoch)
         self.steps_since_best = 0 if self.best != best else self.steps_since_best + 1
+
+    def _smooth(self, value: float) -> float:
+        """What the parent steps on: schnetpack's exponential moving average of the global values
+        (the first one starts it), kept in :attr:`last_smoothed_metric`. A value that is not finite
+        is stepped on as it is (NaN: a bad epoch) and leaves the average as it was."""
+        if not math.isfinite(value):
+            return value
+        average = self.last_smoothed_metric
+        if average is not None and self.smoothing_factor:
+            value = self.smoothing_factor * average + (1.0 - self.smoothing_factor) * value
+        self.last_smoothed_metric = value
+        return value
 
     @property
     def should_stop(self) -> bool:
@@ -394,7 +469,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
                  [float(group["lr"]) for group in self.optimizer.param_groups],
                  self.mode, self.factor, self.patience, self.threshold, self.threshold_mode, self.cooldown,
                  self.min_lrs, self.eps, self.reduction, self.nan_policy, self.stop_patience, self.warmup,
-                 self.warmup_start_factor)
+                 self.warmup_start_factor, self.smoothing_factor, self.last_smoothed_metric, self.accumulation_size,
+                 self.window_calls)
         digest = hashlib.blake2b(repr(state).encode(), digest_size=8).digest()
         return float(int.from_bytes(digest, "little") & _FINGERPRINT_MASK)
 
@@ -404,25 +480,43 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         It holds what the parent's does plus ``reduction``, ``nan_policy``,
         ``last_global_metric``, ``last_finite_metric``, the early-stopping and warmup settings
         and counts (``stop_patience``, ``steps_since_best``, ``warmup``,
-        ``warmup_start_factor``, ``warmup_lrs``); not the optimizer, the backend,
-        the process set or the group, which belong to the run, not to the checkpoint, nor a
-        method a framework set on the instance (pytorch-ignite's ``_reduce_lr``).
+        ``warmup_start_factor``, ``warmup_lrs``), the smoothing (``smoothing_factor``,
+        ``last_smoothed_metric``) and the window's setting and count (``accumulation_size``,
+        ``window_calls``); not the optimizer, the backend, the process set or the group, which
+        belong to the run, not to the checkpoint, nor a method a framework set on the instance
+        (pytorch-ignite's ``_reduce_lr``), nor this rank's sums over the calls of an unfinished
+        window, which are this rank's alone (see ``accumulation_size``).
         """
         return {key: value for key, value in self.__dict__.items() if _is_state(key, value)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, or from plain ``ReduceLROnPlateau``
-        (whose state has no ``reduction``/``nan_policy``: the current settings stay).
+        (whose state has no ``reduction``/``nan_policy``: the current settings stay), or from
+        schnetpack's ``ReduceLROnPlateau`` (its ``smoothing_factor``, and its average
+        ``ema_loss`` as :attr:`last_smoothed_metric`; ``None`` if it is not finite).
 
-        Load the same state dict on every rank.
+        Load the same state dict on every rank. This rank's sums over the calls of an
+        unfinished window are dropped: the window goes on from the saved ``window_calls``
+        (``0`` for a state without one), so it ends at the same call as in the run that saved
+        it, and its mean covers the calls made since the load.
 
         Raises:
-            ValueError: the state dict names an unknown reduction or NaN policy.
+            ValueError: the state dict names an unknown reduction or NaN policy, or a
+                ``smoothing_factor``, ``accumulation_size`` or ``window_calls`` out of range.
         """
         state = {key: value for key, value in state_dict.items() if _is_state(key, value)}
         check_choice("reduction", state.get("reduction", self.reduction), REDUCTIONS)
         check_choice("nan_policy", state.get("nan_policy", self.nan_policy), NAN_POLICIES)
+        if "ema_loss" in state:  # schnetpack's ReduceLROnPlateau: its average, NaN once a NaN reached it
+            ema = state.pop("ema_loss")
+            state["last_smoothed_metric"] = float(ema) if ema is not None and math.isfinite(ema) else None
+        size = state.get("accumulation_size", self.accumulation_size)
+        _check_smoothing(state.get("smoothing_factor", self.smoothing_factor), size)
+        state.setdefault("window_calls", 0)  # a state without windows (torch's, schnetpack's): a new one
+        if not 0 <= state["window_calls"] < size:
+            raise ValueError(f"window_calls must be in [0, accumulation_size={size}); got {state['window_calls']!r}")
         super().load_state_dict(state)
+        self._window = Window()  # this rank's sums of the calls before: in no state dict
 
     def sync_state(self, src: int = 0) -> None:
         """Give every rank the scheduler state and learning rates of rank ``src``.
@@ -434,7 +528,10 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         is unpickled) in one broadcast, and every other rank loads them into its own
         scheduler and optimizer. The model and the optimizer's other state (momentum, ...)
         are not touched: broadcast those as usual (``hvd.broadcast_parameters`` and
-        ``hvd.broadcast_optimizer_state``; DDP does the model at construction).
+        ``hvd.broadcast_optimizer_state``; DDP does the model at construction). With
+        ``accumulation_size``, every rank, ``src`` too, drops its sums over the calls of an
+        unfinished window, as :meth:`load_state_dict` does, and goes on from ``src``'s
+        ``window_calls``.
 
         Args:
             src: the global rank to copy, a member of the scheduler's group. Default: 0.
@@ -445,7 +542,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
                 number of parameter groups than rank ``src``'s (its scheduler is unchanged).
             TimeoutError: on a rank that waited for the broadcast longer than the process
                 group's timeout (torch.distributed) or ``DISTPLATEAU_HOROVOD_TIMEOUT_S``
-                (Horovod), as in :meth:`step`; its scheduler is unchanged.
+                (Horovod, 30 minutes when unset), as in :meth:`step`; its scheduler is unchanged.
         """
         gather = self._adapter()
         if src not in gather.ranks:
@@ -457,6 +554,7 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         if "error" in message:
             raise ValueError(message["error"])
         if rank == src:
+            self._window = Window()  # as every other rank's, which load_state_dict empties
             return
         lrs = message["lrs"]
         if len(lrs) != len(self.optimizer.param_groups):
@@ -499,12 +597,14 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
     def __getstate__(self) -> dict[str, Any]:
         # What pickle and copies carry: the state, the optimizer and the deployment settings.
         # Not the adapter: a copy builds its own at its first step, for its process and world.
-        return {**self.__dict__, **{name: getattr(self, name) for name in _DEPLOYMENT}}
+        # This rank's sums of an unfinished window go too: a copy is a copy of this rank's scheduler.
+        return {**self.__dict__, **{name: getattr(self, name) for name in _DEPLOYMENT}, "_window": self._window}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         for name in _DEPLOYMENT:
             setattr(self, name, state.pop(name))
+        self._window = state.pop("_window")
         self.__dict__.update(state)
         self._gather, self._gather_world = None, ()
 

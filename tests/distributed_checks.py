@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ def init_backend(backend: str) -> None:
         gather_object = hvd.allgather_object
         _module = hvd
         _collectives = ["allgather", "allreduce", "allreduce_", "broadcast", "broadcast_", "alltoall",
-                        "grouped_allreduce", "reducescatter", "barrier", "join", "broadcast_async_",
+                        "grouped_allreduce", "reducescatter", "barrier", "join", "allgather_async", "broadcast_async_",
                         "allgather_object", "broadcast_object"]
     else:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -642,6 +643,116 @@ def subset_group_gathers_only_its_ranks_and_names_global_ranks() -> None:
             raise AssertionError("a non-member stepped")
 
 
+# --- the bound on a Horovod step's wait (DISTPLATEAU_HOROVOD_TIMEOUT_S) ------------------------
+@contextmanager
+def horovod_timeout(setting: str | None, default_s: float | None = None):
+    """``DISTPLATEAU_HOROVOD_TIMEOUT_S`` set to ``setting`` (``None``: unset) on this rank while the
+    block runs, and the default forced to ``default_s`` seconds (a test cannot wait 30 minutes)."""
+    from distplateau import _gather
+
+    saved = os.environ.pop(_gather.TIMEOUT_ENV, None), _gather.DEFAULT_TIMEOUT_S
+    if setting is not None:
+        os.environ[_gather.TIMEOUT_ENV] = setting
+    if default_s is not None:
+        _gather.DEFAULT_TIMEOUT_S = default_s
+    try:
+        yield
+    finally:
+        os.environ.pop(_gather.TIMEOUT_ENV, None)
+        if saved[0] is not None:
+            os.environ[_gather.TIMEOUT_ENV] = saved[0]
+        _gather.DEFAULT_TIMEOUT_S = saved[1]
+
+
+def _timed_step(s: DistributedReduceLROnPlateau, metric: float) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        s.step(metric)
+    except (TimeoutError, ValueError) as err:
+        return time.monotonic() - started, err
+    return time.monotonic() - started, None
+
+
+@check
+def horovod_wait_is_bounded_by_default_and_a_bad_setting_fails_the_first_step() -> None:
+    if BACKEND != "horovod":
+        return
+    # The limit each adapter takes from its rank's environment when it is built (the first step;
+    # again after an elastic reset): on the global process set, and on a process set.
+    for setting, want in [(None, 1800.0), ("", 1800.0), (" 2.5 ", 2.5), ("0", None)]:
+        with horovod_timeout(setting):
+            s = make()
+            s.step(1.0)
+            assert s._gather.timeout == want, (setting, s._gather.timeout)
+            if SUBSET and RANK in SUBSET:
+                s = make(process_set=_subset_handle)
+                s.step(1.0)
+                assert s._gather.timeout == want, (setting, s._gather.timeout)
+    # A bad setting everywhere: ValueError at the first step on every rank, before any collective.
+    for bad in ["abc", "-1", "nan", "inf", "30m"]:
+        with horovod_timeout(bad):
+            s = make()
+            before = CALLS["n"]
+            _, err = _timed_step(s, 1.0)
+            assert isinstance(err, ValueError) and CALLS["n"] == before and s._gather is None, (bad, err)
+            assert str(err).startswith(f"DISTPLATEAU_HOROVOD_TIMEOUT_S={bad!r} on Horovod rank {RANK} is not a "
+                                       "number of seconds >= 0: set it to the longest a step() may wait"), err
+            assert "0 to wait forever" in str(err) and "default of 1800 seconds" in str(err), err
+
+
+@check
+def horovod_ranks_with_different_settings_raise_and_nothing_is_left_waiting() -> None:
+    if BACKEND != "horovod":
+        return
+    # On the process set (3+ ranks) or the global one: the last member's setting is bad, so it
+    # raises before the collective; the other members wait their own limit (0.3 s) and raise
+    # TimeoutError. Then the last member, its setting fixed, steps again and completes the
+    # allgather they left behind: no collective stays pending.
+    members = SUBSET or list(range(SIZE))
+    key = {"process_set": _subset_handle} if SUBSET else {}
+    s: DistributedReduceLROnPlateau | None = None
+    if RANK in members:
+        with horovod_timeout("-1" if RANK == members[-1] else "0.3"):
+            s = make(**key)
+            waited, err = _timed_step(s, 1.0)
+        if RANK == members[-1]:
+            assert isinstance(err, ValueError), err
+        else:
+            group = (f"Horovod process set {_subset_handle.process_set_id} (ranks 0, 2)" if SUBSET
+                     else f"the global process set ({SIZE} ranks)")
+            assert isinstance(err, TimeoutError) and waited >= 0.3, (waited, err)
+            assert str(err).startswith(f"step() on Horovod rank {RANK} gave up after waiting "), err
+            assert (f"s (DISTPLATEAU_HOROVOD_TIMEOUT_S=0.3) for the other ranks of {group}. This rank cannot tell "
+                    "which of these happened: a rank skipped or repeated a step() call") in str(err), err
+            assert str(err).endswith("raise DISTPLATEAU_HOROVOD_TIMEOUT_S (seconds; 0 waits forever)."), err
+    gather_object(None)  # every member is past its error
+    if RANK == members[-1]:
+        assert s is not None
+        s.step(1.0)
+        assert s.last_global_metric == 1.0
+    gather_object(None)
+
+
+@check
+def horovod_setting_0_waits_past_the_default_and_the_default_waits_for_a_late_rank() -> None:
+    if BACKEND != "horovod":
+        return
+    # The last rank steps late (0.6 s, then 0.3 s): with 0 the others wait past a 0.2-s default
+    # (Horovod's blocking wait); unset, they wait through the polls' back-off within the default.
+    for setting, default_s, late_s in [("0", 0.2, 0.6), (None, 30.0, 0.3)]:
+        with horovod_timeout(setting, default_s):
+            s = make()
+            if RANK == SIZE - 1:
+                time.sleep(late_s)
+            waited, err = _timed_step(s, float(RANK))
+            assert err is None, (setting, err)
+            assert s.last_global_metric == math.fsum(range(SIZE)) / SIZE
+            assert (s._gather.timeout is None) == (setting == "0")
+            if RANK == 0:
+                assert waited > late_s / 2, (setting, waited)
+        same_everywhere(s)
+
+
 # --- stopping together and warmup ----------------------------------------------------------
 def _shard_values(step: int) -> tuple[list[float], list[int]]:
     """Every rank's local mean and sample count at ``step`` (the same on every rank): uneven
@@ -714,6 +825,180 @@ def warmup_then_plateau_follows_a_ramp_then_torch_on_the_global_mean() -> None:
             matches_after_warmup = (s.get_last_lr(), s.best, s.num_bad_epochs) == (
                 last_lr(ref), ref.best, ref.num_bad_epochs)
             assert matches_after_warmup, (step, s.get_last_lr(), last_lr(ref))
+    same_everywhere(s)
+
+
+# --- smoothing_factor and accumulation_size ------------------------------------------------------
+def _uneven_round(step: int) -> tuple[list[float], list[float]]:
+    """Every rank's local mean and sample count at ``step`` (the same table on every rank): a
+    noisy loss on uneven shards that falls until step 8 and then stays, NaN on the last rank at
+    steps 5 and 11 (dropped: the global value stays finite)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    noise = torch.rand(SIZE, generator=gen, dtype=torch.float64).tolist()
+    values = [2.0 / (1 + 0.1 * min(step, 8)) + 0.5 * (n - 0.5) for n in noise]
+    if step in (5, 11):
+        values[-1] = math.nan
+    return values, [float(7 * r + 3) for r in range(SIZE)]
+
+
+def _global_mean(values: list[float], weights: list[float]) -> float:
+    kept = [(v, w) for v, w in zip(values, weights) if math.isfinite(v) and w > 0]
+    return math.fsum(v * w for v, w in kept) / math.fsum(w for _, w in kept)
+
+
+@check
+def smoothing_is_schnetpacks_average_of_the_exact_global_values() -> None:
+    from tests.plateau_references import SchnetpackReduceLROnPlateau
+
+    kwargs = dict(factor=0.5, patience=1, threshold=0.01, cooldown=1, smoothing_factor=0.8)
+    s = make(**kwargs)
+    ref = SchnetpackReduceLROnPlateau(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0), **kwargs)
+    for step in range(30):
+        values, weights = _uneven_round(step)
+        with exactly_one_collective():
+            s.step(values[RANK], weight=weights[RANK])
+        ref.step(_global_mean(values, weights))  # one process, schnetpack's class, the exact global value
+        matches(s, ref)
+        assert s.last_smoothed_metric == ref.ema_loss, (step, s.last_smoothed_metric, ref.ema_loss)
+    assert s.get_last_lr()[0] < 0.5  # reductions happened
+    same_everywhere(s)
+    assert len(set(gather_object(repr(s.state_dict())))) == 1
+
+
+@check
+def smoothing_resumes_exactly_and_a_diverged_average_is_caught_and_synced() -> None:
+    kwargs = dict(factor=0.5, patience=1, smoothing_factor=0.9, stop_patience=6)
+    uninterrupted, first = make(**kwargs), make(**kwargs)
+    for step in range(12):
+        values, weights = _uneven_round(step)
+        uninterrupted.step(values[RANK], weight=weights[RANK])
+        first.step(values[RANK], weight=weights[RANK])
+    buffer = io.BytesIO()
+    torch.save({"scheduler": first.state_dict(), "optimizer": first.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # rank 0's checkpoint would do: it is the same everywhere
+    resumed = make()
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["scheduler"])
+    for step in range(12, 24):
+        values, weights = _uneven_round(step)
+        uninterrupted.step(values[RANK], weight=weights[RANK])
+        resumed.step(values[RANK], weight=weights[RANK])
+        assert snapshot_with_metric(resumed) == snapshot_with_metric(uninterrupted), step
+        assert resumed.state_dict() == uninterrupted.state_dict(), step
+    if RANK == 1:  # only rank 1's average went astray (say, a checkpoint of another run)
+        resumed.load_state_dict({**resumed.state_dict(), "last_smoothed_metric": 5.0})
+    raises_everywhere(lambda: resumed.step(1.0), RuntimeError, "scheduler state differs", "ranks")
+    with exactly_one_collective():
+        resumed.sync_state(src=0)
+    assert resumed.state_dict() == uninterrupted.state_dict()
+    same_everywhere(resumed)
+
+
+@check
+def a_window_gathers_once_on_the_exact_global_mean_of_its_calls() -> None:
+    size, windows = 4, 8
+    s = make(factor=0.5, patience=1, accumulation_size=size)
+    smoothed = make(factor=0.5, patience=1, accumulation_size=size, smoothing_factor=0.5)
+    ref = reference(factor=0.5, patience=1)  # torch's class on the exact global window means
+    from tests.plateau_references import SchnetpackReduceLROnPlateau
+
+    ref_smoothed = SchnetpackReduceLROnPlateau(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0),
+                                               factor=0.5, patience=1, smoothing_factor=0.5)
+    for window in range(windows):
+        rows = [_uneven_round(window * size + call) for call in range(size)]
+        for call, (values, weights) in enumerate(rows):
+            weight = weights[RANK] + call  # the weights change from call to call too
+            before = CALLS["n"]
+            s.step(values[RANK], weight=weight)
+            smoothed.step(values[RANK], weight=weight)
+            assert CALLS["n"] - before == (2 if call == size - 1 else 0), (window, call, CALLS["n"] - before)
+        cells = [(v, w + call) for call, (values, weights) in enumerate(rows) for v, w in zip(values, weights)]
+        # a rank whose window saw a NaN (the last rank, at steps 5 and 11) is left out of it whole
+        left_out = {SIZE - 1} if any(not math.isfinite(values[-1]) for values, _ in rows) else set()
+        kept = [(v, w) for i, (v, w) in enumerate(cells) if i % SIZE not in left_out]
+        expected = math.fsum(v * w for v, w in kept) / math.fsum(w for _, w in kept)
+        assert math.isclose(s.last_global_metric, expected, rel_tol=1e-14), (window, s.last_global_metric, expected)
+        ref.step(s.last_global_metric)
+        ref_smoothed.step(s.last_global_metric)
+        matches(s, ref)
+        matches(smoothed, ref_smoothed)
+        assert smoothed.last_smoothed_metric == ref_smoothed.ema_loss
+    assert s.last_epoch == windows and s.get_last_lr()[0] < 1.0
+    same_everywhere(s)
+    same_everywhere(smoothed)
+
+
+@check
+def a_windows_nan_and_bad_input_act_at_its_last_call_on_every_rank() -> None:
+    # raise: the rank whose window saw a NaN is named on every rank, at the window's last call
+    s = make(accumulation_size=3, nan_policy="raise")
+    s.step(1.0)
+    s.step(math.nan if RANK == SIZE - 1 else 1.0)
+    raises_everywhere(lambda: s.step(1.0), FloatingPointError, f"rank {SIZE - 1}")
+    assert s.window_calls == 0 and s.last_epoch == 0
+    # an unusable input on one rank inside the window: the same error on every rank, at its last call
+    t = make(accumulation_size=3)
+    before = CALLS["n"]
+    t.step(1.0)
+    t.step(None if RANK == SIZE - 1 else 1.0)
+    assert CALLS["n"] == before
+    raises_everywhere(lambda: t.step(1.0), TypeError, f"metric is None on rank {SIZE - 1}")
+    for _ in range(3):  # and the next window is whole, in step on every rank
+        t.step(float(RANK))
+    assert t.last_global_metric == math.fsum(range(SIZE)) / SIZE and t.last_epoch == 1
+    same_everywhere(t)
+
+
+@check
+def a_load_or_sync_in_mid_window_keeps_its_end_and_drops_the_calls_before() -> None:
+    s = make(accumulation_size=4)
+    for _ in range(6):
+        s.step(100.0 + RANK)
+    saved = s.state_dict()  # the same on every rank: the window count, not this rank's sums
+    assert len(set(gather_object(repr(saved)))) == 1 and saved["window_calls"] == 2
+    resumed = make()
+    resumed.load_state_dict(saved)
+    for value in (1.0, 3.0):
+        before = CALLS["n"]
+        resumed.step(value * (RANK + 1), weight=RANK + 1)
+    assert CALLS["n"] - before == 1  # the window ended where the saving run's would have
+    weights = [r + 1 for r in range(SIZE)]
+    expected = math.fsum(v * w * w for w in weights for v in (1.0, 3.0)) / (2 * math.fsum(weights))
+    assert math.isclose(resumed.last_global_metric, expected, rel_tol=1e-14)
+    # sync_state: every rank, the source too, drops its sums and goes on from the source's count
+    s.step(5.0)
+    if RANK == 1:
+        s.load_state_dict({**s.state_dict(), "window_calls": 0})
+    s.sync_state(src=0)
+    assert s.window_calls == 3
+    with exactly_one_collective():
+        s.step(7.0 + RANK)
+    assert s.last_global_metric == math.fsum(7.0 + r for r in range(SIZE)) / SIZE
+    same_everywhere(s)
+
+
+@check
+def horovod_elastic_restore_rolls_back_the_average_and_the_window() -> None:
+    if BACKEND != "horovod":
+        return
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    s = DistributedReduceLROnPlateau(opt, patience=0, smoothing_factor=0.5, accumulation_size=2)
+    state = hvd.elastic.TorchState(model=model, optimizer=opt, scheduler=s)
+    state.sync()
+    for value in (1.0, 1.0, 2.0):  # one window, then a call into the next
+        s.step(value + RANK)
+    state.commit()
+    committed = s.state_dict()
+    s.step(50.0)  # the window ends: worse, a reduction
+    assert opt.param_groups[0]["lr"] < 1.0
+    s.step(7.0)
+    state.restore()  # what hvd.elastic.run does after a HorovodInternalError
+    assert s.state_dict() == committed and opt.param_groups[0]["lr"] == 1.0 and s.window_calls == 1
+    s.step(3.0 + RANK)  # the replayed call ends the window; the sums from before the commit are gone
+    assert s.last_global_metric == 3.0 + (SIZE - 1) / 2
+    assert s.last_smoothed_metric == 0.5 * (1.0 + (SIZE - 1) / 2) + 0.5 * s.last_global_metric
     same_everywhere(s)
 
 

@@ -289,12 +289,12 @@ def no_step_without_a_new_value() -> dict[str, Any]:
 
 
 def step_after_every_validation(ckpt_path: str | None = None, callbacks: list[Any] | None = None,
-                                root: str = "per-validation") -> dict[str, Any]:
+                                root: str = "per-validation", **scheduler_kwargs: Any) -> dict[str, Any]:
     """``"interval": "validation"`` with four validation runs an epoch, uneven shards (4 + 3)."""
 
     class PerValidation(Model):
         def __init__(self) -> None:
-            super().__init__(scheduler_kwargs={"interval": "validation"})
+            super().__init__(scheduler_kwargs={"interval": "validation", **scheduler_kwargs})
             self.steps: list[list[Any]] = []
 
         def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -310,7 +310,8 @@ def step_after_every_validation(ckpt_path: str | None = None, callbacks: list[An
         def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
             super().lr_scheduler_step(scheduler, metric)
             self.steps.append([self.global_step, float(metric), scheduler.default_weight,
-                               scheduler.last_global_metric, float(scheduler.optimizer.param_groups[0]["lr"])])
+                               scheduler.last_global_metric, float(scheduler.optimizer.param_groups[0]["lr"]),
+                               scheduler.last_smoothed_metric])
 
     model = PerValidation()
     trainer, h = fit(model, epochs=3, root=root, ckpt_path=ckpt_path, callbacks=callbacks, val_check_interval=0.25)
@@ -328,6 +329,98 @@ def step_after_every_validation_and_resume() -> dict[str, Any]:
         path = str(OUT / "ckpt-val" / f"step={step}.ckpt")
         result[f"from_{step}"] = step_after_every_validation(ckpt_path=path, root=f"per-validation-{step}")
     return result
+
+
+def smoothing_after_every_validation() -> dict[str, Any]:
+    """``step_after_every_validation`` with ``smoothing_factor=0.5``."""
+    return step_after_every_validation(root="per-validation-smoothed", smoothing_factor=0.5)
+
+
+#: The global validation loss of epochs 1, 3 and 5 (``check_val_every_n_epoch=2``): 2.25 is worse
+#: than 2.0, but its average with the earlier ones (2.375) is better than theirs (2.5).
+SMOOTHED_VALUES = [3.0, 2.0, 2.25]
+
+
+def smoothing_with_stale_epochs_and_pending_steps(ckpt_path: str | None = None, callbacks: list[Any] | None = None,
+                                                  root: str = "smoothed") -> dict[str, Any]:
+    """``smoothing_factor=0.5``, ``patience=0``, validation every second epoch on uneven shards
+    (4 + 3): the epochs without validation must leave the average alone."""
+
+    class Smoothed(Model):
+        def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+            offsets = torch.tensor([OFFSETS[int(i)] for i in batch])
+            value = SMOOTHED_VALUES[self.current_epoch // 2]
+            self.log("val_loss", (value + offsets).mean(), batch_size=len(batch))
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(Indexed(len(OFFSETS)), batch_size=2)
+
+    model = Smoothed(scheduler_kwargs={"patience": 0, "smoothing_factor": 0.5})
+    trainer, h = fit(model, epochs=EPOCHS, root=root, ckpt_path=ckpt_path, callbacks=callbacks,
+                     check_val_every_n_epoch=2)
+    return {"lrs": h.lrs, "globals": h.globals, "state": scheduler_state(trainer), "restored": h.restored}
+
+
+def smoothing_resumed_with_and_without_a_pending_step() -> dict[str, Any]:
+    """The run of ``smoothing_with_stale_epochs_and_pending_steps`` with a checkpoint at the end of
+    every epoch, resumed from epoch 1's (saved before its plateau step: pending) and epoch 2's
+    (no validation: nothing pending)."""
+    ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-smoothed"), save_top_k=-1, every_n_epochs=1, filename="{epoch}",
+                           save_on_train_epoch_end=True)
+    result = {"uninterrupted": smoothing_with_stale_epochs_and_pending_steps(callbacks=[ckpt])}
+    for epoch in (1, 2):
+        path = str(OUT / "ckpt-smoothed" / f"epoch={epoch}.ckpt")
+        result[f"from_{epoch}"] = smoothing_with_stale_epochs_and_pending_steps(ckpt_path=path,
+                                                                                root=f"smoothed-{epoch}")
+        result[f"from_{epoch}"]["pending"] = "distplateau_pending_steps" in torch.load(path, weights_only=False)
+    return result
+
+
+#: The training loss every optimizer step logs on average over the ranks (rank 0 +0.5, rank 1
+#: -0.5): windows of 4 steps average 4, 3 and 3.5.
+TRAIN_VALUES = [4.0] * 4 + [3.0, 2.0, 4.0, 3.0] + [3.5] * 4
+
+
+def window_of_training_steps() -> dict[str, Any]:
+    """``"interval": "step"`` on a training loss logged at every step, ``accumulation_size=4``
+    and ``smoothing_factor=0.5``, uneven validation shards (4 + 3) that must not weigh it;
+    every all-gather of the fit counted."""
+
+    class PerStep(Model):
+        def __init__(self) -> None:
+            super().__init__(scheduler_kwargs={"patience": 0, "accumulation_size": 4, "smoothing_factor": 0.5})
+            self.steps: list[list[Any]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            offset = 0.5 if self.global_rank == 0 else -0.5
+            self.log("train_loss", TRAIN_VALUES[self.global_step] + offset, on_step=True, on_epoch=False)
+            return super().training_step(batch, batch_idx)
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(Indexed(len(OFFSETS)), batch_size=2)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(train_data(32), batch_size=4)  # 16 samples a rank: 4 steps an epoch
+
+        def configure_optimizers(self) -> Any:
+            config = super().configure_optimizers()
+            config["lr_scheduler"].update(monitor="train_loss", interval="step")
+            return config
+
+        def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+            super().lr_scheduler_step(scheduler, metric)
+            self.steps.append([self.global_step, float(metric), scheduler.default_weight, scheduler.window_calls,
+                               scheduler.last_global_metric, scheduler.last_smoothed_metric,
+                               float(scheduler.optimizer.param_groups[0]["lr"])])
+
+    model = PerStep()
+    strategy = dp.HorovodStrategy() if STRATEGY == "horovod" else None
+    counts, stop = _counting_gathers()
+    try:
+        trainer, h = fit(model, epochs=3, root="per-step-window", strategy=strategy)
+    finally:
+        stop()
+    return {"steps": model.steps, "gathers": counts["gathers"], "state": scheduler_state(trainer)}
 
 
 def _counting_gathers() -> tuple[dict[str, int], Callable[[], None]]:
@@ -474,14 +567,18 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
             strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
             monitor_on_scheduler_is_enough, resume_same_world_size, resume_from_other_world_size,
             strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
-            step_after_every_validation_and_resume, one_collective_per_plateau_step],
+            step_after_every_validation_and_resume, one_collective_per_plateau_step,
+            smoothing_after_every_validation, smoothing_resumed_with_and_without_a_pending_step,
+            window_of_training_steps],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
                 resume_same_world_size, resume_from_other_world_size, stops_together, warmup_then_plateau,
                 strict_false_metric_on_rank0_only, strict_false_metric_missing_everywhere_skips,
                 strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
-                step_after_every_validation_and_resume, one_collective_per_plateau_step],
+                step_after_every_validation_and_resume, one_collective_per_plateau_step,
+                smoothing_after_every_validation, smoothing_resumed_with_and_without_a_pending_step,
+                window_of_training_steps],
 }
 
 

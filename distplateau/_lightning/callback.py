@@ -55,7 +55,9 @@ class PlateauCallbackBase(_Callback):
       batch, sanity check excluded) and sets them as the scheduler's
       ``default_weight`` before each plateau step, so that ``reduction="mean"`` of
       per-rank means logged without ``sync_dist`` is the exact mean over all samples,
-      also on uneven shards;
+      also on uneven shards (at ``"interval": "step"``, a value logged by a training step,
+      not by the last validation run, weighs 1 on every rank: the loss of one batch, of the
+      same size on every rank);
     * stops the ``DistributedSampler`` that Lightning adds to each validation dataloader
       from padding the shards with repeated samples (when the dataset size is not divisible
       by the world size), so that every sample is validated exactly once and the mean is the
@@ -251,6 +253,8 @@ class PlateauCallbackBase(_Callback):
             return
         self._validations, self._validated_at = self._validations + 1, batch
         for plateau in self._plateaus.values():
+            plateau.validated = trainer.callback_metrics.get(plateau.config.monitor)
+        for plateau in self._plateaus.values():
             if plateau.after_validation and self._validations % plateau.config.frequency == 0:
                 self._plateau_step(trainer, plateau, trainer.callback_metrics.get(plateau.config.monitor))
 
@@ -294,7 +298,12 @@ class PlateauCallbackBase(_Callback):
                                "this rank but strict is set to `False`: it contributes nothing to the plateau step.",
                                category=RuntimeWarning)
         else:
-            scheduler.default_weight = self._samples if self.weight_by_samples else None
+            # At "interval": "step", a value that the last validation run did not log is a training
+            # metric of this step's batch, of the same size on every rank: every rank weighs 1
+            # (validation samples would weigh the calls of a window differently before and after
+            # the first validation run).
+            logged_in_training = config.interval == "step" and value is not plateau.validated
+            scheduler.default_weight = self._samples if self.weight_by_samples and not logged_in_training else None
         try:
             self._module_step(scheduler, value)
         except MetricMissingError as err:  # on every rank, from the gathered table
@@ -328,6 +337,7 @@ class _Plateau:
         self.config = config  # Lightning's LRSchedulerConfig
         self.after_validation = after_validation  # "interval": "validation"
         self.stepped_on: Any = None  # the callback_metrics value of the last step
+        self.validated: Any = None  # the callback_metrics value at the end of the last validation run
         self.validations = 0  # the callback's validation count at the last step
 
 
@@ -396,7 +406,10 @@ def _take_pending_step(scheduler: DistributedReduceLROnPlateau, table: list[list
     if decision.value is None:
         return
     if rank == 0:
-        scheduler.step(decision.value, weight=1)
+        # With the ranks' total weight, a call inside a window (accumulation_size) weighs what
+        # the ranks' calls would have; a step alone is the same with any weight.
+        total = math.fsum(weight for value, weight in present if weight > 0 and math.isfinite(value))
+        scheduler.step(decision.value, weight=total or 1)
     else:
         scheduler.step(math.nan, weight=0)
 
