@@ -397,6 +397,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         best = self.best
         super().step(self._smooth(value), epoch)
         self.steps_since_best = 0 if self.best != best else self.steps_since_best + 1
+        if self.steps_since_best == self.stop_patience:  # the step that decides to stop, once
+            self._log_decision("stop_patience reached", f"{self.steps_since_best} steps without a new best "
+                               f">= stop_patience {self.stop_patience}; should_stop is True on every rank")
 
     def _smooth(self, value: float) -> float:
         """What the parent steps on: schnetpack's exponential moving average of the global values
@@ -451,11 +454,32 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
         # learning rate (pytorch #163093); torch's own arithmetic, then the result written back
         # into the tensor, as torch >= 2.10 does itself.
         tensors = [group["lr"] if isinstance(group["lr"], Tensor) else None for group in self.optimizer.param_groups]
+        old = [float(group["lr"]) for group in self.optimizer.param_groups]
         super()._reduce_lr(epoch)
         for group, tensor in zip(self.optimizer.param_groups, tensors):
             if tensor is not None and group["lr"] is not tensor:
                 tensor.fill_(group["lr"])
                 group["lr"] = tensor
+        # Called by the parent's step only when a reduction is due (num_bad_epochs > patience, not
+        # yet reset): the line costs nothing on a step that changes nothing.
+        new = [float(group["lr"]) for group in self.optimizer.param_groups]
+        lrs = ", ".join(f"group {i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(old, new)))
+        if old == new:
+            lrs += " (unchanged: min_lr or eps)"
+        self._log_decision("reducing the learning rate",
+                           f"{self.num_bad_epochs} bad steps > patience {self.patience}; {lrs}")
+
+    def _log_decision(self, what: str, why: str) -> None:
+        """One INFO line on the ``distplateau`` logger, from the group's first rank only (every rank
+        takes the same decision): the step, the global value (and its average when smoothing), ``best``
+        and ``why``."""
+        gather = self._gather
+        if (gather is not None and gather.index != 0) or not logger.isEnabledFor(logging.INFO):
+            return
+        value = f"global {self.monitor or 'metric'} {self.last_global_metric!r}"
+        if self.smoothing_factor:
+            value += f" (smoothed {self.last_smoothed_metric!r})"
+        logger.info("distplateau: step %d: %s: %s, best %r, %s", self.last_epoch, what, value, self.best, why)
 
     def fingerprint(self) -> float:
         """A 53-bit digest of the scheduler's state, settings and learning rates, as a float.

@@ -20,8 +20,10 @@ ranks' local means drift apart while the global mean stays ``BASE``.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -36,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from distplateau import DistributedReduceLROnPlateau
 from distplateau._lightning import DISTPLATEAU_MODULE
+from distplateau.replay import read_series, replay
 
 BASE = 2.0
 EPOCHS = 6
@@ -160,10 +163,10 @@ def fit(model: Any, epochs: int = EPOCHS, root: str = "run", ckpt_path: str | No
     trainer = Trainer(
         strategy=strategy or ("auto" if STRATEGY == "single" else STRATEGY), accelerator=ACCELERATOR,
         devices=2 if STRATEGY == "ddp" else 1,
-        max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
         num_sanity_val_steps=0, default_root_dir=str(OUT / root), callbacks=[history, *(callbacks or [])],
-        **trainer_kwargs,
+        **{"logger": False, **trainer_kwargs},
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer, history
@@ -552,6 +555,33 @@ def horovod_fits_the_same_model_twice() -> dict[str, Any]:
     return {"weights": model.layer.weight.detach().tolist()}
 
 
+def global_value_in_the_loggers() -> dict[str, Any]:
+    """The callback's ``val_loss/global`` (and ``/smoothed``, ``/best``, ...) in a CSVLogger's file,
+    the scheduler's log line per cut (captured on every rank), and the replay of the logged column."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("distplateau")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    settings = {"factor": 0.5, "patience": 1, "smoothing_factor": 0.5, "stop_patience": 4}
+    try:
+        csv_logger = pl.loggers.CSVLogger(str(OUT / "loggers"), name="", version=0)
+        trainer, h = fit(Model(scheduler_kwargs=settings), logger=csv_logger)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    result: dict[str, Any] = {"lrs": h.lrs, "lines": lines, "epochs_run": trainer.current_epoch}
+    path = OUT / "loggers" / "version_0" / "metrics.csv"
+    if trainer.global_rank == 0:
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+        result["rows"] = [{k: v for k, v in row.items() if v} for row in rows]
+        steps, values = read_series(path, "val_loss/global")
+        result["replayed"] = replay(values, settings, lr=0.1, steps=steps).lrs
+    return result
+
+
 def world_size_1_checkpoint() -> dict[str, Any]:
     ckpt = ModelCheckpoint(dirpath=str(OUT / "ckpt-world1"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     trainer, h = fit(Model(), epochs=3, root="world1", callbacks=[ckpt])
@@ -569,7 +599,7 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
             strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
             step_after_every_validation_and_resume, one_collective_per_plateau_step,
             smoothing_after_every_validation, smoothing_resumed_with_and_without_a_pending_step,
-            window_of_training_steps],
+            window_of_training_steps, global_value_in_the_loggers],
     "horovod": [class_swap_follows_global_schedule, horovod_matches_full_batch_reference, horovod_accumulates_gradients,
                 horovod_checkpoints_written_by_rank0_only, horovod_fits_the_same_model_twice,
                 sample_counts_weight_uneven_shards, padded_sampler_gives_the_mean_over_the_dataset,
@@ -578,7 +608,7 @@ SCENARIOS: dict[str, list[Callable[[], dict[str, Any]]]] = {
                 strict_true_metric_on_rank0_only_raises, no_step_without_a_new_value,
                 step_after_every_validation_and_resume, one_collective_per_plateau_step,
                 smoothing_after_every_validation, smoothing_resumed_with_and_without_a_pending_step,
-                window_of_training_steps],
+                window_of_training_steps, global_value_in_the_loggers],
 }
 
 

@@ -265,6 +265,36 @@ def test_a_window_of_training_steps_gathers_once_and_weighs_each_ranks_step_alik
     assert rank0["state"] == rank1["state"] and rank0["state"]["lr"] == 0.05
 
 
+def test_the_loggers_get_the_global_value_of_every_plateau_step_and_each_cut_one_log_line(launch: Launch) -> None:
+    rank0, rank1 = launch.outcome("global_value_in_the_loggers")
+    epochs = rank0["epochs_run"]
+    assert epochs == rank1["epochs_run"] == 5  # stop_patience=4: best at epoch 0, stop after epoch 4
+    rows = rank0["rows"]
+    own = [(row["step"], float(row["val_loss"])) for row in rows if "val_loss" in row]
+    shared = [(row["step"], float(row["val_loss/global"])) for row in rows if "val_loss/global" in row]
+    # rank 0's own val_loss (logged without sync_dist) drifts; the global value is the exact mean
+    assert [v for _, v in own] == [BASE + d for d in DRIFT[:epochs]]
+    assert [v for _, v in shared] == [BASE] * epochs
+    assert [s for s, _ in shared] == [s for s, _ in own]  # once per plateau step, on the user's step axis
+    logged = [row for row in rows if "val_loss/global" in row]
+    assert [float(row["val_loss/smoothed"]) for row in logged] == [BASE] * epochs
+    assert [float(row["val_loss/best"]) for row in logged] == [BASE] * epochs
+    assert [int(row["val_loss/bad_steps"]) for row in logged] == [0, 1, 0, 1, 0]  # reset by each cut
+    assert [int(row["val_loss/steps_since_best"]) for row in logged] == [0, 1, 2, 3, 4]
+    # the replay of the logged column takes the run's learning rates, step for step
+    assert rank0["replayed"] == rank0["lrs"] == rank1["lrs"] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    # one INFO line per cut and one for the stop, on rank 0 only, with the numbers that explain it
+    assert rank1["lines"] == []
+    assert rank0["lines"] == [
+        "distplateau: step 3: reducing the learning rate: global metric 2.0 (smoothed 2.0), best 2.0, "
+        "2 bad steps > patience 1; group 0: 0.1 -> 0.05",
+        "distplateau: step 5: reducing the learning rate: global metric 2.0 (smoothed 2.0), best 2.0, "
+        "2 bad steps > patience 1; group 0: 0.05 -> 0.025",
+        "distplateau: step 5: stop_patience reached: global metric 2.0 (smoothed 2.0), best 2.0, "
+        "4 steps without a new best >= stop_patience 4; should_stop is True on every rank",
+    ]
+
+
 # ------------------------------------------------------------------ item 4: monitor on the scheduler
 
 

@@ -85,7 +85,16 @@ class PlateauCallbackBase(_Callback):
       ``ModelCheckpoint``, before that epoch's plateau step) continue exactly as the
       uninterrupted run: at save time every rank's metric and weight for the pending step
       are gathered (one all-gather) into the checkpoint, and the resumed run takes that
-      step when training starts, at any world size. Lightning alone skips it.
+      step when training starts, at any world size. Lightning alone skips it;
+    * logs, after each plateau step, the values the step used to the trainer's own loggers
+      (TensorBoard, CSV, W&B, MLflow, ...), on rank 0, at the step of the monitored metric's
+      own points (``log_global``): ``<monitor>/global``, the global value, the same on every
+      rank (where ``<monitor>`` logged without ``sync_dist`` is rank 0's own);
+      ``<monitor>/smoothed`` with ``smoothing_factor``; ``<monitor>/best``; ``<monitor>/bad_steps``
+      (``num_bad_epochs`` after the step, ``0`` after a cut); and
+      ``<monitor>/steps_since_best`` with ``stop_patience``. From the scheduler's state, with no
+      collective; through ``logger.log_metrics``, as Lightning's ``LearningRateMonitor`` does
+      (a plateau step runs where ``self.log`` is not allowed).
 
     Args:
         weight_by_samples (bool): use each rank's number of validation samples as its
@@ -97,6 +106,8 @@ class PlateauCallbackBase(_Callback):
             ``validation_step`` runs a collective of its own on every batch (e.g.
             ``self.log(..., on_step=True, sync_dist=True)``), which needs the same number of
             batches on every rank. Default: ``True``.
+        log_global (bool): log the values of each plateau step to the trainer's loggers (see
+            above). Default: ``True``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -113,9 +124,10 @@ class PlateauCallbackBase(_Callback):
         """The package's ``lightning.pytorch.utilities.data.extract_batch_size``."""
         raise NotImplementedError
 
-    def __init__(self, weight_by_samples: bool = True, unpad_validation: bool = True) -> None:
+    def __init__(self, weight_by_samples: bool = True, unpad_validation: bool = True, log_global: bool = True) -> None:
         self.weight_by_samples = weight_by_samples
         self.unpad_validation = unpad_validation
+        self.log_global = log_global
         self._samples: int | None = None  # this rank's samples in the last validation run
         self._counting: int | None = None
         self._undo: list[Callable[[], None]] = []
@@ -215,7 +227,10 @@ class PlateauCallbackBase(_Callback):
         for index, step in (pending or {}).items():
             scheduler = trainer.lr_scheduler_configs[int(index)].scheduler
             if isinstance(scheduler, DistributedReduceLROnPlateau):
+                steps = scheduler.last_epoch
                 _take_pending_step(scheduler, step["table"], trainer.global_rank)
+                if self.log_global and scheduler.last_epoch != steps:
+                    _log_global(trainer, trainer.lr_scheduler_configs[int(index)].monitor, scheduler, epoch_end=True)
                 _stop_if_asked(trainer, scheduler)
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
@@ -304,10 +319,14 @@ class PlateauCallbackBase(_Callback):
             # the first validation run).
             logged_in_training = config.interval == "step" and value is not plateau.validated
             scheduler.default_weight = self._samples if self.weight_by_samples and not logged_in_training else None
+        steps = scheduler.last_epoch
         try:
             self._module_step(scheduler, value)
         except MetricMissingError as err:  # on every rank, from the gathered table
             raise self.misconfiguration_error(_missing_message(config.monitor, err, trainer)) from None
+        if self.log_global and scheduler.last_epoch != steps:  # a step taken: not a window's call, nor skipped
+            epoch_end = config.interval == "epoch" and not plateau.after_validation
+            _log_global(trainer, config.monitor, scheduler, epoch_end)
         _stop_if_asked(trainer, scheduler)
 
     def _take_validation_intervals(self, optim_conf: Any) -> Any:
@@ -364,6 +383,28 @@ def _stop_if_asked(trainer: Any, scheduler: Any) -> None:
             f"distplateau: no improvement of the global metric in the last {scheduler.steps_since_best} plateau "
             f"steps (stop_patience={scheduler.stop_patience}); best {scheduler.best}. Stopping on every rank."
         )
+
+
+def _log_global(trainer: Any, monitor: str, scheduler: DistributedReduceLROnPlateau, epoch_end: bool) -> None:
+    """Log what the plateau step just taken used to the trainer's loggers, on rank 0, at the step of
+    the monitored metric's own points: Lightning logs the metrics of an epoch's end at the step
+    before its count of optimizer steps (``fit_loop``), and a validation run's at that count."""
+    loggers = trainer.loggers
+    if not loggers or trainer.global_rank != 0:
+        return
+    metrics: dict[str, float] = {}
+    if scheduler.last_global_metric is not None:
+        metrics[f"{monitor}/global"] = scheduler.last_global_metric
+    if scheduler.smoothing_factor and scheduler.last_smoothed_metric is not None:
+        metrics[f"{monitor}/smoothed"] = scheduler.last_smoothed_metric
+    if math.isfinite(scheduler.best):  # inf during warmup
+        metrics[f"{monitor}/best"] = float(scheduler.best)
+    metrics[f"{monitor}/bad_steps"] = scheduler.num_bad_epochs
+    if scheduler.stop_patience is not None:
+        metrics[f"{monitor}/steps_since_best"] = scheduler.steps_since_best
+    step = compat.logged_step(trainer)
+    for logger in loggers:
+        logger.log_metrics(metrics, step=max(step - 1, 0) if epoch_end else step)
 
 
 def _dataloaders(loaders: Any) -> list[Any]:

@@ -34,7 +34,7 @@ def check(trainer: Any) -> None:
     """Raise :class:`LightningChangedError` now, at the start of ``fit``, if any private API
     below is missing from this ``trainer``'s loops."""
     epoch_loop = trainer.fit_loop.epoch_loop
-    for name in ("_get_monitor_value", "_num_ready_batches_reached", "val_loop"):
+    for name in ("_get_monitor_value", "_num_ready_batches_reached", "val_loop", "_batches_that_stepped"):
         _private(epoch_loop, name)
     _private(epoch_loop.val_loop, "setup_data")
 
@@ -62,6 +62,12 @@ def on_monitor_lookup(trainer: Any, lookup: Callable[[Callable[[str], Any], str]
     epoch_loop = trainer.fit_loop.epoch_loop
     original = _private(epoch_loop, "_get_monitor_value")
     return shadow(epoch_loop, "_get_monitor_value", lambda key: lookup(original, key))
+
+
+def logged_step(trainer: Any) -> int:
+    """The step Lightning's loggers get now (``_TrainingEpochLoop._batches_that_stepped``, as
+    its ``LearningRateMonitor`` uses)."""
+    return int(_private(trainer.fit_loop.epoch_loop, "_batches_that_stepped"))
 
 
 def epoch_finished(trainer: Any) -> bool:
