@@ -37,6 +37,7 @@ VARIANTS = ("torch", "ours", "resume-1", "resume-2")
 _COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_gather_object", "all_reduce",
                 "broadcast", "broadcast_object_list", "barrier", "reduce", "gather", "scatter")
 _counting: dict[str, int | None] = {"collectives": None}  # a count while our step() runs, else None
+_paused = {"replay": False}  # write_reference's replay in a recording process is not the run's
 
 
 def _rank() -> int:
@@ -61,7 +62,7 @@ def _settings(scheduler: Any) -> Row:
     return {"mode": scheduler.mode, "factor": scheduler.factor, "patience": scheduler.patience,
             "threshold": scheduler.threshold, "threshold_mode": scheduler.threshold_mode,
             "cooldown": scheduler.cooldown, "min_lrs": [float(v) for v in scheduler.min_lrs],
-            "eps": scheduler.eps}
+            "eps": scheduler.eps, "smoothing_factor": float(getattr(scheduler, "smoothing_factor", 0.0))}
 
 
 def install(out: str | Path, variant: str) -> None:
@@ -87,7 +88,7 @@ def install(out: str | Path, variant: str) -> None:
 
     @functools.wraps(torch_step)
     def recorded_torch_step(self: Any, metrics: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(self, DistributedReduceLROnPlateau):  # ours, calling its parent
+        if isinstance(self, DistributedReduceLROnPlateau) or _paused["replay"]:  # ours, calling its parent
             return torch_step(self, metrics, *args, **kwargs)
         before = _state(self)
         result = torch_step(self, metrics, *args, **kwargs)
@@ -155,23 +156,47 @@ def same_as_rank0(ranks: Ranks, keys: tuple[str, ...] = ("lrs",)) -> bool:
                                                    for k in keys) for rows in ranks)
 
 
-def replay(settings: Row, initial_lrs: list[float], metrics: list[float]) -> list[list[float]]:
-    """torch's ``ReduceLROnPlateau`` in one process, stepped on ``metrics``: the learning rates
+def replay(settings: Row, initial_lrs: list[float], metrics: list[float],
+           scheduler_class: type | None = None) -> list[list[float]]:
+    """torch's ``ReduceLROnPlateau`` (or ``scheduler_class``, a library's own plateau class that
+    takes its ``smoothing_factor``) in one process, stepped on ``metrics``: the learning rates
     after each step."""
     import torch
     from torch.optim.lr_scheduler import ReduceLROnPlateau
 
     params = [torch.zeros(1, requires_grad=True) for _ in initial_lrs]
     optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, initial_lrs)], lr=initial_lrs[0])
-    scheduler = ReduceLROnPlateau(optimizer, mode=settings["mode"], factor=settings["factor"],
-                                  patience=settings["patience"], threshold=settings["threshold"],
-                                  threshold_mode=settings["threshold_mode"], cooldown=settings["cooldown"],
-                                  min_lr=settings["min_lrs"], eps=settings["eps"])
+    smoothing = {"smoothing_factor": settings["smoothing_factor"]} if scheduler_class else {}
+    scheduler = (scheduler_class or ReduceLROnPlateau)(
+        optimizer, mode=settings["mode"], factor=settings["factor"], patience=settings["patience"],
+        threshold=settings["threshold"], threshold_mode=settings["threshold_mode"], cooldown=settings["cooldown"],
+        min_lr=settings["min_lrs"], eps=settings["eps"], **smoothing)
     out = []
     for metric in metrics:
         scheduler.step(metric)
         out.append([float(group["lr"]) for group in optimizer.param_groups])
     return out
+
+
+def write_reference(out: str | Path, variant: str, scheduler_class: type) -> None:
+    """For a library with a plateau class of its own (schnetpack's, with ``smoothing_factor``):
+    on rank 0, after a run of ours, the learning rates that class gives in one process on the
+    run's global values, into ``<out>/<variant>/reference.json`` for :func:`check_ours`. Run in
+    the case's own environment, where the library is installed."""
+    rows = load(out, variant, 1)[0]
+    _paused["replay"] = True
+    try:
+        lrs = replay(rows[0]["settings"], rows[0]["before"]["lrs"], [row["global"] for row in rows], scheduler_class)
+    finally:
+        _paused["replay"] = False
+    name = f"{scheduler_class.__module__}.{scheduler_class.__qualname__}"
+    (Path(out) / variant / "reference.json").write_text(json.dumps({"class": name, "lrs": lrs}))
+
+
+def load_reference(out: str | Path, variant: str) -> Row | None:
+    """What :func:`write_reference` wrote for ``variant``, if it did."""
+    path = Path(out) / variant / "reference.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def global_mean(step: list[Row]) -> float:
@@ -182,11 +207,12 @@ def global_mean(step: list[Row]) -> float:
     return sum(row["metric"] * row["weight"] for row in rows) / sum(row["weight"] for row in rows)
 
 
-def check_ours(ranks: Ranks, min_steps: int = 2) -> list[str]:
+def check_ours(ranks: Ranks, min_steps: int = 2, reference: Row | None = None) -> list[str]:
     """What is wrong with a run of ours (an empty list: nothing): every rank stepped as often, with
     identical learning rates and global values; each global value is the weighted mean of the
     ranks' local metrics; torch's class in one process on those values gives the same learning
-    rates; each step issued exactly one collective."""
+    rates (with ``smoothing_factor``, the library's own class of ``reference``, which
+    :func:`write_reference` replayed); each step issued exactly one collective."""
     problems = []
     steps = [len(rows) for rows in ranks]
     if min(steps) < min_steps:
@@ -198,9 +224,14 @@ def check_ours(ranks: Ranks, min_steps: int = 2) -> list[str]:
     seen = [row["global"] for row in rows]
     if any(not math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0) for a, b in zip(seen, exact)):
         problems.append(f"global values {seen} are not the weighted means {exact}")
-    expected = replay(rows[0]["settings"], rows[0]["before"]["lrs"], seen)
+    if reference is not None:
+        expected, whose = reference["lrs"], reference["class"]
+    elif rows[0]["settings"]["smoothing_factor"]:
+        return problems + ["smoothing_factor without a reference: torch's class does not smooth (write_reference)"]
+    else:
+        expected, whose = replay(rows[0]["settings"], rows[0]["before"]["lrs"], seen), "torch's class"
     if [row["lrs"] for row in rows] != expected:
-        problems.append(f"learning rates {[row['lrs'] for row in rows]} are not torch's on the global values "
+        problems.append(f"learning rates {[row['lrs'] for row in rows]} are not {whose}'s on the global values: "
                         f"{expected}")
     counts = sorted({row["collectives"] for rank in ranks for row in rank})
     if counts != [1]:
@@ -208,7 +239,7 @@ def check_ours(ranks: Ranks, min_steps: int = 2) -> list[str]:
     return problems
 
 
-def check_resume(first: Ranks, second: Ranks, whole: Ranks | None) -> list[str]:
+def check_resume(first: Ranks, second: Ranks, whole: Ranks | None, reference: Row | None = None) -> list[str]:
     """What is wrong with a resumed run: the scheduler's state at the first step after the
     resume must be the state after the last step before it, on every rank; the two parts
     together must step as the uninterrupted run ``whole`` did (same global values, same
@@ -228,10 +259,11 @@ def check_resume(first: Ranks, second: Ranks, whole: Ranks | None) -> list[str]:
             problems.append(f"rank {rank}: checkpointed with {a[kept - 1]['after']}, resumed with {b[0]['before']}")
     joined = [a[:kept] + b for a, b in zip(first, second)]
     if whole is None:
-        return problems + check_ours(joined)
+        return problems + check_ours(joined, reference=reference)
     if [row["global"] for row in joined[0]] != [row["global"] for row in whole[0]]:
         problems.append("global values differ from the uninterrupted run's: "
                         f"{[row['global'] for row in joined[0]]} vs {[row['global'] for row in whole[0]]}")
     if [row["lrs"] for row in joined[0]] != [row["lrs"] for row in whole[0]]:
         problems.append("learning rates differ from the uninterrupted run's")
-    return problems + check_ours(joined)
+    # The same global values as the uninterrupted run: its reference holds for the two parts too.
+    return problems + check_ours(joined, reference=reference)

@@ -153,12 +153,13 @@ def run_case(case: Case, python: str, out: Path, log: Path) -> Row:
         elif [r["lrs"] for r in theirs[0]] != [r["lrs"] for r in ours[0]]:
             row.problems.append("ours did not give torch's learning rates where the library gathers: "
                                 f"{[r['lrs'] for r in ours[0]]} vs {[r['lrs'] for r in theirs[0]]}")
-    problems = record.check_ours(ours)
+    reference = record.load_reference(out, "ours")
+    problems = record.check_ours(ours, reference=reference)
     row.ours = "identical, exact" if not problems else "FAILED"
     row.problems += [f"ours: {p}" for p in problems]
     if case.resume:
         problems = record.check_resume(record.load(out, "resume-1", 2), record.load(out, "resume-2", 2),
-                                       ours if case.resume == "exact" else None)
+                                       ours if case.resume == "exact" else None, reference)
         row.resume = ("exact" if case.resume == "exact" else "state exact") if not problems else "FAILED"
         row.problems += [f"resume: {p}" for p in problems]
     if not row.ok:

@@ -14,10 +14,11 @@ What schnetpack does with the metric (read in schnetpack 2.2.0 with pytorch-ligh
 - ``schnetpack/train/lr_scheduler.py``, ``ReduceLROnPlateau``: torch's class plus
   ``smoothing_factor``, an exponential moving average of the metric that it steps on (in 2.2.0;
   2.1.1 computed the average but stepped on the raw value). spk-train's default config
-  (``configs/task/scheduler/reduce_on_plateau.yaml``) builds it with ``smoothing_factor: 0.0``,
-  where it steps on the raw metric exactly as torch's class does. That is the baseline here:
-  what a schnetpack user has today. Ours takes ``smoothing_factor`` with schnetpack's name and
-  formula (on the gathered global value), so the swap keeps ``scheduler_args`` as they are.
+  (``configs/task/scheduler/reduce_on_plateau.yaml``) builds it with ``smoothing_factor: 0.0``.
+  The baseline here is schnetpack's class with ``smoothing_factor=0.5``: ours takes the argument
+  with schnetpack's name and formula (applied to the gathered global value), so the swap keeps
+  ``scheduler_args`` as they are, and ours is checked against schnetpack's own class replayed in
+  one process on the global values (``record.write_reference``), not against torch's.
 
 The seam is ``AtomisticTask(scheduler_cls=...)``: ``DistributedReduceLROnPlateau`` instead of
 ``schnetpack.train.ReduceLROnPlateau``. With spk-train (``cli.py`` resolves the string with
@@ -30,10 +31,10 @@ validation) deals them out alternately: rank 0 validates only true energies, who
 the model learns, rank 1 only mirrored ones, whose loss rises. Rank 1 alone cuts its learning
 rate (measured: after 8 epochs rank 0 0.005, rank 1 0.00125), and from then on the ranks'
 weights drift apart: DDP averages the gradients, each rank applies its own rate. With ours every
-rank steps on the mean over all 9 validation molecules (weights 5 and 4: distplateau's callback
-takes Lightning's ``extract_batch_size`` of schnetpack's batch dict, whose first tensor ``_idx``
-has one entry per molecule, the count schnetpack logs ``val_loss`` with) and both cut at epochs
-3 and 6.
+rank steps on the moving average of the mean over all 9 validation molecules (weights 5 and 4:
+distplateau's callback takes Lightning's ``extract_batch_size`` of schnetpack's batch dict, whose
+first tensor ``_idx`` has one entry per molecule, the count schnetpack logs ``val_loss`` with) and
+both cut at the 4th and 7th plateau steps, as schnetpack's class does in one process on those values.
 
 Resume, as spk-train does it: schnetpack's ``ModelCheckpoint`` (``save_last=True``) writes
 ``last.ckpt`` and ``trainer.fit(task, datamodule=..., ckpt_path=...)`` continues from it. The
@@ -76,6 +77,9 @@ CUTOFF = 5.0
 # spk-train's reduce_on_plateau.yaml, with a patience that fits 8 epochs and no cooldown
 SCHEDULER_ARGS: dict[str, Any] = {"mode": "min", "factor": 0.5, "patience": 2, "threshold": 0.0,
                                   "threshold_mode": "rel", "cooldown": 0, "min_lr": 0.0}
+# schnetpack's moving average (spk-train's default is 0): the same argument for both classes, and
+# ours checked against schnetpack's own class replayed on the global values (record.write_reference)
+SMOOTHING = 0.5
 
 
 def _energy(numbers: Any, positions: Any) -> float:
@@ -148,7 +152,7 @@ def _task(variant: str) -> Any:
         from schnetpack.train import ReduceLROnPlateau as scheduler_cls
     else:  # the whole swap: the class handed to the task, with the same arguments
         from distplateau import DistributedReduceLROnPlateau as scheduler_cls
-    scheduler_args = {**SCHEDULER_ARGS, "smoothing_factor": 0.0}  # spk-train's default
+    scheduler_args = {**SCHEDULER_ARGS, "smoothing_factor": SMOOTHING}
     return spk.task.AtomisticTask(
         model=model, outputs=[output], optimizer_cls=torch.optim.AdamW,
         # 5e-3 rather than the tutorial's 1e-4: the model must learn within 8 short epochs
@@ -201,6 +205,8 @@ def main() -> None:
         trainer.fit(task, datamodule=_datamodule(work), ckpt_path=str(checkpoints / "last.ckpt"), weights_only=False)
     else:
         trainer.fit(task, datamodule=_datamodule(work))
+    if variant == "ours" and trainer.global_rank == 0:
+        record.write_reference(out, variant, spk.train.ReduceLROnPlateau)
 
 
 if __name__ == "__main__":
