@@ -10,8 +10,11 @@ the steps where the learning rate would drop and where ``stop_patience`` would s
 smoothing, ``best`` and the learning-rate staircase (matplotlib needed).
 
 Inputs: a CSV file with a header (Lightning's ``CSVLogger`` ``metrics.csv``: rows without a value
-in the column are skipped; the ``step`` column, if any, gives the x axis), or a JSON file (a list
-of numbers, or an object of named lists). Bad input is one line on stderr and exit status 2.
+in the column are skipped; the ``step`` column, if any, gives the x axis), a JSON file (a list
+of numbers, or an object of named lists), or TensorBoard event files (a directory that holds them,
+such as a ``TensorBoardLogger``'s ``version_0``, or one ``events.out.tfevents.*`` file; the column
+is the scalar's tag and the x axis the events' steps; the ``tensorboard`` package reads them).
+Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -65,15 +68,16 @@ class Replay:
 
 
 def read_series(path: str | Path, column: str | None = None) -> tuple[list[float], list[float]]:
-    """The ``(steps, values)`` of ``column`` in a CSV or JSON file (see the module docstring).
+    """The ``(steps, values)`` of ``column`` in a CSV or JSON file, or of the scalar tag ``column``
+    in TensorBoard event files (a directory or one file; see the module docstring).
 
     Raises:
-        ReplayError: no such file or column, a value that is not a number, no value at all.
+        ReplayError: no such file, column or tag, a value that is not a number, no value at all,
+            a directory without event files, event files without the ``tensorboard`` package.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ReplayError(f"{path} is a directory: give a CSV file (a Lightning CSVLogger's metrics.csv) "
-                          "or a JSON file")
+    if path.is_dir() or (path.is_file() and _is_event_file(path)):
+        return _tensorboard_series(path, column)
     if not path.is_file():
         raise ReplayError(f"{path}: no such file")
     try:
@@ -136,6 +140,39 @@ def _csv_series(path: Path, text: str, column: str | None) -> tuple[list[float],
     if not values:
         raise ReplayError(f"{path}: column {column!r} has no values")
     return steps, values
+
+
+def _is_event_file(path: Path) -> bool:
+    return "tfevents" in path.name  # tensorboard's own test (event_accumulator.IsTensorFlowEventsFile)
+
+
+def _tensorboard_series(path: Path, column: str | None) -> tuple[list[float], list[float]]:
+    if path.is_dir() and not any(_is_event_file(p) and p.is_file() for p in path.iterdir()):
+        below = sorted({str(p.parent) for p in path.rglob("*tfevents*") if p.is_file()})
+        if below:  # e.g. a TensorBoardLogger's root, with version_0, version_1, ... under it
+            raise ReplayError(f"{path} holds no TensorBoard event files itself; give one of the directories "
+                              f"that do: {', '.join(below)}")
+        raise ReplayError(f"{path} is a directory without TensorBoard event files: give one that holds them, "
+                          "a CSV file (a Lightning CSVLogger's metrics.csv) or a JSON file")
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+    except ImportError:
+        raise ReplayError(f"{path}: reading TensorBoard event files needs tensorboard: "
+                          "pip install tensorboard") from None
+    events = EventAccumulator(str(path), size_guidance={SCALARS: 0})  # 0: keep every value, not a sample
+    events.Reload()
+    tags = list(events.Tags()["scalars"])
+    if not tags:
+        raise ReplayError(f"{path}: the event files hold no scalars")
+    if column is None:
+        candidates = [t for t in tags if t != "epoch"]
+        if len(candidates) != 1:
+            raise ReplayError(f"{path}: give --column, one of the scalar tags: {', '.join(tags)}")
+        column = candidates[0]
+    if column not in tags:
+        raise ReplayError(f"{path}: no scalar tag {column!r}; the tags are: {', '.join(tags)}")
+    scalars = events.Scalars(column)
+    return [float(e.step) for e in scalars], [float(e.value) for e in scalars]
 
 
 def replay(values: Sequence[float], settings: dict[str, Any] | None = None, lr: float = 1.0,
@@ -245,8 +282,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m distplateau.replay",
         description="Replay a logged metric through DistributedReduceLROnPlateau: where would the "
                     "learning rate drop, and training stop, with these settings?")
-    parser.add_argument("file", help="a CSV file with a header (Lightning CSVLogger's metrics.csv) or a JSON file")
-    parser.add_argument("--column", help="the column (or JSON list) of the metric, e.g. val_loss/global")
+    parser.add_argument("file", help="a CSV file with a header (Lightning CSVLogger's metrics.csv), a JSON file, "
+                                     "or TensorBoard event files (their directory, or one file)")
+    parser.add_argument("--column", help="the column (JSON list, TensorBoard scalar tag) of the metric, "
+                                         "e.g. val_loss/global")
     parser.add_argument("--lr", type=float, default=1.0, help="the initial learning rate (default 1.0)")
     for name, kind in SETTINGS.items():
         parser.add_argument(f"--{name}", *([f"--{name.replace('_', '-')}"] if "_" in name else []), dest=name,

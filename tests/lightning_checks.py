@@ -557,7 +557,8 @@ def horovod_fits_the_same_model_twice() -> dict[str, Any]:
 
 def global_value_in_the_loggers() -> dict[str, Any]:
     """The callback's ``val_loss/global`` (and ``/smoothed``, ``/best``, ...) in a CSVLogger's file,
-    the scheduler's log line per cut (captured on every rank), and the replay of the logged column."""
+    the scheduler's log line per cut (captured on every rank), and the replay of the logged column,
+    from the CSV file and from the event files of a TensorBoardLogger beside it."""
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
@@ -568,7 +569,8 @@ def global_value_in_the_loggers() -> dict[str, Any]:
     settings = {"factor": 0.5, "patience": 1, "smoothing_factor": 0.5, "stop_patience": 4}
     try:
         csv_logger = pl.loggers.CSVLogger(str(OUT / "loggers"), name="", version=0)
-        trainer, h = fit(Model(scheduler_kwargs=settings), logger=csv_logger)
+        tb_logger = pl.loggers.TensorBoardLogger(str(OUT / "tensorboard"), name="", version=0)
+        trainer, h = fit(Model(scheduler_kwargs=settings), logger=[csv_logger, tb_logger])
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
@@ -579,6 +581,10 @@ def global_value_in_the_loggers() -> dict[str, Any]:
         result["rows"] = [{k: v for k, v in row.items() if v} for row in rows]
         steps, values = read_series(path, "val_loss/global")
         result["replayed"] = replay(values, settings, lr=0.1, steps=steps).lrs
+        result["csv_series"] = [steps, values]
+        steps, values = read_series(OUT / "tensorboard" / "version_0", "val_loss/global")
+        result["tensorboard_series"] = [steps, values]
+        result["replayed_tensorboard"] = replay(values, settings, lr=0.1, steps=steps).lrs
     return result
 
 

@@ -281,8 +281,11 @@ def test_the_loggers_get_the_global_value_of_every_plateau_step_and_each_cut_one
     assert [float(row["val_loss/best"]) for row in logged] == [BASE] * epochs
     assert [int(row["val_loss/bad_steps"]) for row in logged] == [0, 1, 0, 1, 0]  # reset by each cut
     assert [int(row["val_loss/steps_since_best"]) for row in logged] == [0, 1, 2, 3, 4]
-    # the replay of the logged column takes the run's learning rates, step for step
+    # the replay of the logged column takes the run's learning rates, step for step, from the CSV
+    # file and from the TensorBoard event files (the same steps and values)
     assert rank0["replayed"] == rank0["lrs"] == rank1["lrs"] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    assert rank0["tensorboard_series"] == rank0["csv_series"]
+    assert rank0["replayed_tensorboard"] == rank0["lrs"]
     # one INFO line per cut and one for the stop, on rank 0 only, with the numbers that explain it
     assert rank1["lines"] == []
     assert rank0["lines"] == [

@@ -1,6 +1,7 @@
 """``python -m distplateau.replay``: its decisions are the scheduler's (and torch's, and
-schnetpack's with smoothing) on the same series; its reading, table, sweep, plot and errors.
-The replay of a real 2-rank run's ``metrics.csv`` is in tests/test_lightning_ranks.py."""
+schnetpack's with smoothing) on the same series; its reading (CSV, JSON, TensorBoard events),
+table, sweep, plot and errors. The replay of a real 2-rank run's ``metrics.csv`` and TensorBoard
+directory is in tests/test_lightning_ranks.py."""
 
 from __future__ import annotations
 
@@ -81,6 +82,40 @@ def test_read_series_takes_a_column_of_lightnings_metrics_csv_with_its_steps(tmp
     assert read_series(tmp_path / "b.csv") == ([0.0, 1.0], [1.0, 0.5])  # the only column
 
 
+def _write_events(directory: Path, tag: str, steps: list[int], values: list[float]) -> None:
+    """TensorBoard event files as torch's (and Lightning's TensorBoardLogger's) writer makes them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(directory))
+    for step, value in zip(steps, values):
+        writer.add_scalar(tag, value, global_step=step)
+        writer.add_scalar("epoch", step // 4, global_step=step)  # as Lightning logs it: --column may be left out
+    writer.close()
+
+
+def test_tensorboard_events_replay_like_the_same_series_in_csv(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    values = torch.tensor(SERIES, dtype=torch.float32).tolist()  # what an event file holds: float32
+    steps = [3 + 4 * i for i in range(len(values))]
+    _write_events(tmp_path / "tb", "val_loss/global", steps, values)
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("step,val_loss/global\n" + "".join(f"{s},{v!r}\n" for s, v in zip(steps, values)))
+    expected = ([float(s) for s in steps], values)
+    assert read_series(csv_path, "val_loss/global") == expected
+    assert read_series(tmp_path / "tb", "val_loss/global") == expected  # the directory
+    (event_file,) = (tmp_path / "tb").iterdir()
+    assert read_series(event_file) == expected  # one file; the only tag besides epoch
+    outputs = []
+    for path in (csv_path, tmp_path / "tb"):
+        assert main([str(path), "--column", "val_loss/global", "--patience", "3", "--factor", "0.5",
+                     "--lr", "0.1"]) == 0
+        outputs.append(capsys.readouterr().out.splitlines())
+    assert outputs[0][1:] == outputs[1][1:]  # all but the line that names the input
+    assert outputs[1][0].endswith(f"{len(values)} values, steps 3 to {steps[-1]}, initial lr 0.1")
+    cuts = replay(values, {"patience": 3, "factor": 0.5}, lr=0.1).cuts
+    assert len(cuts) >= 2 and sum("->" in line for line in outputs[1]) == len(cuts)
+
+
 def test_cli_prints_the_cuts_and_the_stop_and_a_line_per_swept_combination(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "series.json"
@@ -113,7 +148,8 @@ def test_cli_plot_draws_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize("case", ["no column", "not a number", "empty", "directory", "missing", "sweep",
-                                  "setting", "no matplotlib"])
+                                  "setting", "no matplotlib", "empty directory", "unknown tag",
+                                  "event files below", "no tensorboard"])
 def test_bad_input_is_one_line_and_exit_status_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     good = tmp_path / "metrics.csv"
@@ -127,17 +163,34 @@ def test_bad_input_is_one_line_and_exit_status_2(case: str, tmp_path: Path, caps
         "sweep": [str(good), "--column", "val_loss", "--sweep", "patients=1,2"],
         "setting": [str(good), "--column", "val_loss", "--factor", "1.5"],
         "no matplotlib": [str(good), "--column", "val_loss", "--plot", str(tmp_path / "x.png")],
+        "empty directory": [str(tmp_path / "nothing")],
+        "unknown tag": [str(tmp_path / "logs" / "version_0"), "--column", "val_acc"],
+        "event files below": [str(tmp_path / "logs"), "--column", "val_loss"],
+        "no tensorboard": [str(tmp_path / "logs" / "version_0"), "--column", "val_loss"],
     }[case]
     (tmp_path / "x.csv").write_text("step,loss\n0,1.0\n1,oops\n")
     (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "nothing").mkdir()
+    if case in ("unknown tag", "event files below", "no tensorboard"):
+        _write_events(tmp_path / "logs" / "version_0", "val_loss", [0, 1], [1.0, 0.5])
     if case == "no matplotlib":
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    if case == "no tensorboard":
+        monkeypatch.setitem(sys.modules, "tensorboard.backend.event_processing.event_accumulator", None)
     assert main(args) == 2
     captured = capsys.readouterr()
     assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error: ")
     assert "Traceback" not in captured.err
     if case == "not a number":
         assert "line 3, column 'loss': 'oops' is not a number" in captured.err
+    if case == "empty directory":
+        assert "nothing is a directory without TensorBoard event files" in captured.err
+    if case == "unknown tag":
+        assert captured.err.endswith("no scalar tag 'val_acc'; the tags are: val_loss, epoch\n")
+    if case == "event files below":
+        assert captured.err.endswith(f"give one of the directories that do: {tmp_path / 'logs' / 'version_0'}\n")
+    if case == "no tensorboard":
+        assert "needs tensorboard: pip install tensorboard" in captured.err
 
 
 def test_python_dash_m_runs_it(tmp_path: Path) -> None:
