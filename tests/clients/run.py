@@ -29,6 +29,7 @@ from types import ModuleType
 
 from harness.launch import child_env, free_port, run
 from tests.clients import record
+from tests.compat_torch import step  # a pip step under timeout(1), its output in the log
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ENVS = ROOT / ".venv-clients"
@@ -93,21 +94,11 @@ def build(case: Case, log: Path) -> Path:
     if env_dir.exists():
         shutil.rmtree(env_dir)
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    _step(log, [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], 300)
-    _step(log, [str(python), "-m", "pip", "install", "-q", case.torch, "-e", spec, *case.requirements], 1800)
+    step("upgrade pip", [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], log, 300)
+    step(f"install {case.torch}, distplateau and {case.library}",
+         [str(python), "-m", "pip", "install", "-q", case.torch, "-e", spec, *case.requirements], log, 1800)
     stamp.write_text(want)
     return python
-
-
-def _step(log: Path, cmd: list[str], timeout: int) -> None:
-    with log.open("a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        done = subprocess.run(["timeout", "-k", "30", str(timeout), *cmd], cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ...: exit status {done.returncode}; see {log}\n"
-                           f"{log.read_text()[-3000:]}")
 
 
 def launch(case: Case, python: str, variant: str, out: Path, log: Path) -> None:
