@@ -84,6 +84,13 @@ def _unframe(buffer: bytes) -> bytes:
     return bytes(buffer[_LENGTH.size : _LENGTH.size + length])
 
 
+def _causes(call: str) -> str:
+    return ("This rank cannot tell which of these happened: a rank skipped or repeated a "
+            f"{call} call (every rank must call it the same number of times; a rank without "
+            "validation data calls step(metric, weight=0)); a rank died or is frozen (look for its "
+            "error or exit status); the network between the ranks failed.")
+
+
 def _timed_out(call: str, rank: str, waited_s: float, group: str, limit: str, setting: str,
                backend_said: str = "") -> TimeoutError:
     """The error of a rank that waited ``waited_s`` in ``call``'s collective and gave up. Seen from
@@ -92,10 +99,19 @@ def _timed_out(call: str, rank: str, waited_s: float, group: str, limit: str, se
     said = f" {backend_said}." if backend_said else ""
     return TimeoutError(
         f"{call} on {rank} gave up after waiting {waited_s:.1f}s ({limit}) for the other ranks of {group}."
-        f"{said} This rank cannot tell which of these happened: a rank skipped or repeated a {call} call "
-        "(every rank must call it the same number of times; a rank without validation data calls "
-        "step(metric, weight=0)); a rank died or is frozen (look for its error or exit status); the "
-        f"network between the ranks failed. If validation on some rank is only slow, raise {setting}."
+        f"{said} {_causes(call)} If validation on some rank is only slow, raise {setting}."
+    )
+
+
+def _lost(call: str, rank: str, waited_s: float, group: str, backend_said: str) -> ConnectionError:
+    """The error of a rank whose wait in ``call``'s collective ended because a peer closed its
+    connection. A peer that exited closes it, and so does gloo on a peer whose own wait timed
+    out first: after a skipped call, the ranks' timeouts end within milliseconds of each other,
+    and all but the first may end here instead, so the message names the same causes."""
+    return ConnectionError(
+        f"{call} on {rank} lost the connection to another rank after waiting {waited_s:.1f}s for the "
+        f"other ranks of {group}. {backend_said}. Another rank may have timed out first, in this "
+        f"call or in another collective. {_causes(call)}"
     )
 
 
@@ -196,17 +212,22 @@ class TorchGather:
             work.wait()
         except RuntimeError as err:
             # Read in torch 2.13: gloo says "Timed out waiting 10000ms for recv operation to
-            # complete", NCCL's watchdog "collective operation timeout". Other failures (a
-            # closed connection: a peer exited) say what happened already and pass unchanged.
+            # complete", NCCL's watchdog "collective operation timeout"; a peer that exited, or
+            # whose own wait timed out a moment earlier, "Connection closed by peer" (or "reset
+            # by peer"). Other failures pass unchanged.
             text = str(err)
-            if "timed out" not in text.lower() and "timeout" not in text.lower():
+            lowered = text.lower()
+            timed_out = "timed out" in lowered or "timeout" in lowered
+            if not timed_out and "closed by peer" not in lowered and "reset by peer" not in lowered:
                 raise
             group = (f"the default process group ({self.size} ranks)" if self._group is None
                      else f"the group passed as `group` ({ranks_text(self.ranks)})")
-            raise _timed_out(call, f"rank {torch.distributed.get_rank()}", time.monotonic() - started,
-                             group, "the process group's timeout",
-                             "the timeout passed to init_process_group(timeout=...)",
-                             f"torch.distributed said: {text}") from err
+            rank, waited = f"rank {torch.distributed.get_rank()}", time.monotonic() - started
+            said = f"torch.distributed said: {text.rstrip('. ')}"
+            if not timed_out:
+                raise _lost(call, rank, waited, group, said) from err
+            raise _timed_out(call, rank, waited, group, "the process group's timeout",
+                             "the timeout passed to init_process_group(timeout=...)", said) from err
 
 
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])

@@ -339,6 +339,9 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
                 minutes when unset, as gloo's default, ``0``: no limit); the message names the
                 causes it cannot tell apart (a skipped or repeated call, a dead or frozen rank,
                 a failed network), the wait and the group.
+            ConnectionError: under torch.distributed, on a rank whose wait ended because a peer
+                closed its connection (it exited or died, or its own wait timed out first, as
+                gloo does); the message names the same causes, torch's error is chained.
             ValueError: under Horovod, at the first step, if ``DISTPLATEAU_HOROVOD_TIMEOUT_S``
                 is not a number of seconds >= 0 (raised before the collective).
         """
@@ -567,6 +570,8 @@ class DistributedReduceLROnPlateau(ReduceLROnPlateau):
             TimeoutError: on a rank that waited for the broadcast longer than the process
                 group's timeout (torch.distributed) or ``DISTPLATEAU_HOROVOD_TIMEOUT_S``
                 (Horovod, 30 minutes when unset), as in :meth:`step`; its scheduler is unchanged.
+            ConnectionError: under torch.distributed, when a peer closed its connection during
+                the broadcast, as in :meth:`step`; its scheduler is unchanged.
         """
         gather = self._adapter()
         if src not in gather.ranks:

@@ -157,6 +157,7 @@ def kill(backend: str, world: int, tmp: Path, timeout: float = 120) -> Result:
         delay = data["error_at"] - victim["killed_at"]
         result.longest_error_s = max(result.longest_error_s, delay)
         result.notes.append(f"rank {r}: {data['error']} after {delay:.3f}s: {data['message'][:120]}")
+        result.errors[r] = f"{data['error']}: {data['message']}"
     return result
 
 

@@ -166,15 +166,16 @@ def _first_step_at(records: list[dict[str, Any]], since: float, size: int) -> fl
 #: The CI-sized plan: 2 -> 1 (a host removed) -> 2 (added back) -> SIGKILL of a worker right
 #: after its step() -> 1 -> 2 (the blacklisted host returns) -> SIGKILL of a worker while the
 #: other waits in step() (``in_step``: the survivor must get Horovod's HorovodInternalError
-#: there, as without a limit on the wait) -> 1, where the run ends before the host returns. Each
-#: phase: run ``after`` epochs at its start size, then act, then wait (training on) until the
-#: world has ``size`` ranks.
+#: there, as without a limit on the wait) -> 1, where the run ends (the host may return in the
+#: last epochs). Each phase: run ``after`` epochs at its start size, then act, then wait
+#: (training on) until the world has ``size`` ranks. A kill comes after at least one epoch
+#: (``after`` >= 1), so that the world it ends has stepped: the recovery it follows is measured.
 CI_PLAN: list[dict[str, Any]] = [
     {"after": 2, "hosts": ["localhost:1"], "size": 1},
     {"after": 2, "hosts": ["localhost:1", "127.0.0.1:1"], "size": 2},
     {"after": 1, "kill": "last", "where": "after_step", "size": 1},
     {"after": 0, "size": 2},
-    {"after": 0, "kill": "last", "where": "in_step", "size": 1},
+    {"after": 1, "kill": "last", "where": "in_step", "size": 1},
 ]
 #: The plan of ``bash dev.sh reliability``: the CI plan and back to 2 ranks, then rank 0 killed
 #: mid-batches and after its step, the other host removed and added, and the last rank killed

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             phase = phases[state.phase] if state.phase < len(phases) else {}
             if phase and size == phase["size"] and _acted(out, phase, state):
                 state.phase, state.phase_epoch = state.phase + 1, epoch
+                # Saved at once: a HorovodInternalError restores the last save, and a phase undone
+                # there waits for a world it already had. (A kill in the epoch of the advance left
+                # the plan waiting at 2 ranks until the launch's timeout: CI, 2026-12-06.)
+                state.save()
                 continue
             kill_now = (phase.get("kill") and epoch >= state.phase_epoch + phase["after"] and epoch % 5 == 3
                         and not os.path.exists(os.path.join(out, f"killed-{state.phase}"))

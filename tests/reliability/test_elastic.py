@@ -19,7 +19,9 @@ def test_horovod_elastic_keeps_the_live_scheduler_in_step_through_resets_and_a_s
     result = elastic.horovod(tmp_path, elastic.CI_PLAN, timeout=180)
     ELASTIC.append(result)
     assert not result.problems, "\n".join(result.problems[:10])
-    assert result.world_sizes == [2, 1, 2, 1, 2, 1] and result.killed == 2 and result.mismatches == 0
+    # The host killed last may come back during the last epochs, on a slow machine.
+    assert result.world_sizes in ([2, 1, 2, 1, 2, 1], [2, 1, 2, 1, 2, 1, 2]), result.world_sizes
+    assert result.killed == 2 and result.mismatches == 0
     assert [error for error, _ in result.step_errors] == ["HorovodInternalError"], result.step_errors
 
 
