@@ -214,11 +214,11 @@ class TorchGather:
             # Read in torch 2.13: gloo says "Timed out waiting 10000ms for recv operation to
             # complete", NCCL's watchdog "collective operation timeout"; a peer that exited, or
             # whose own wait timed out a moment earlier, "Connection closed by peer" (or "reset
-            # by peer"). Other failures pass unchanged.
+            # by peer", or "Broken pipe" on a write). Other failures pass unchanged.
             text = str(err)
             lowered = text.lower()
             timed_out = "timed out" in lowered or "timeout" in lowered
-            if not timed_out and "closed by peer" not in lowered and "reset by peer" not in lowered:
+            if not timed_out and not any(lost in lowered for lost in _LOST_PEER):
                 raise
             group = (f"the default process group ({self.size} ranks)" if self._group is None
                      else f"the group passed as `group` ({ranks_text(self.ranks)})")
@@ -229,6 +229,9 @@ class TorchGather:
             raise _timed_out(call, rank, waited, group, "the process group's timeout",
                              "the timeout passed to init_process_group(timeout=...)", said) from err
 
+
+#: How gloo says that a peer closed the connection (torch 2.13).
+_LOST_PEER = ("closed by peer", "reset by peer", "broken pipe")
 
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
