@@ -84,9 +84,9 @@ def failed(err: BaseException, where: str) -> None:
     sys.stdout.flush()
     # Stay a moment, so that a peer whose timeout ends a few ms later reports its own error, not
     # this process's exit: horovodrun terminates every rank once one exits non-zero
-    # (horovod/runner/gloo_run.py, 0.28.1), and under torch.distributed the exit closes the
-    # connections (a skipped step's rank 1, whose collective started first, timed out 10 ms
-    # before the ranks in step(), which then read "Connection closed by peer": seen once, 2026-12-06).
+    # (horovod/runner/gloo_run.py, 0.28.1). (Under torch.distributed gloo closes this rank's
+    # connections as soon as its wait times out, exit or not: a peer then reads "Connection
+    # closed by peer", which step() raises as ConnectionError.)
     time.sleep(1.0)
     os._exit(17)
 
