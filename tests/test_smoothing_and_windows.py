@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from distplateau import DistributedReduceLROnPlateau
 from tests.plateau_references import SchnetpackReduceLROnPlateau, optax_window_means
 from tests.reliability.cases import last_lr
+from tests.test_stopping_and_warmup import first_stop
 
 
 def optimizer(lr: float = 1.0) -> torch.optim.Optimizer:
@@ -29,15 +30,6 @@ def ours(**kwargs) -> DistributedReduceLROnPlateau:
 
 def state(s: ReduceLROnPlateau) -> tuple:
     return (last_lr(s), s.best, s.num_bad_epochs, s.cooldown_counter, s.last_epoch)
-
-
-def first_stop(s: DistributedReduceLROnPlateau, values: list[float]) -> int | None:
-    """The 1-based call after which ``s.should_stop`` turned ``True``."""
-    for call, value in enumerate(values, 1):
-        s.step(value)
-        if s.should_stop:
-            return call
-    return None
 
 
 def noisy(seed: int, n: int = 60) -> list[float]:

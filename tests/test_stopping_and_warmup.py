@@ -34,6 +34,7 @@ def keras_stop_step(values: list[float], patience: int, mode: str = "min") -> in
 
 
 def first_stop(s: DistributedReduceLROnPlateau, values: list[float]) -> int | None:
+    """The 1-based call after which ``s.should_stop`` turned ``True``."""
     for i, value in enumerate(values, 1):
         s.step(value)
         if s.should_stop:
